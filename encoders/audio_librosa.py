@@ -1,0 +1,209 @@
+"""Audio encoder: hand-crafted log-mel / MFCC statistics (librosa), no learned weights.
+
+Feature layout (``dim`` = 174, float32, L2-normalised as a whole), all computed at 22,050 Hz
+(default) on the first 30 s, n_fft 2048, hop 512, 64 mel bands 30-8,000 Hz, log-mel in dB
+relative to the clip's loudest bin and floored 80 dB below it (so gain does not matter):
+
+====================  ===  ================================================================
+group                 dim  content
+====================  ===  ================================================================
+``shape``              64  per-band mean dB minus a pink-noise (1/f) reference, bands more
+                           than 50 dB under the loudest band floored, then minus its own mean
+                           (spectral envelope; broadband level and the typical tilt removed)
+``band_dynamics``      64  per-band std over time in dB, minus its own mean (which bands move)
+``mfcc_dynamics``      19  std over time of MFCC 1-19 (timbre change), fixed scale
+``mfcc_flux``          19  std over time of the frame-to-frame change of MFCC 1-19, fixed scale
+``global``              8  level dynamics, mean band std, centroid (mean, spread), flatness,
+                           zero-crossing rate, onset rate, active fraction; each centred and
+                           scaled with fixed constants to roughly [-1, 1]
+====================  ===  ================================================================
+
+Why the centring: raw dB statistics share a large common component (every sound is loudest
+at low frequencies and sits on the same floor), which makes all clips ~0.99 cosine-similar.
+Removing each group's common part and giving every group a fixed weight makes cosine
+similarity reflect differences in content: the same clip as WAV/OGG/MP3 stays > 0.9 while
+unrelated clips fall well below.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from encoders.base import Encoder, InvalidContent, l2_normalise
+
+#: libsndfile container names we accept (WAVEX/RF64 are WAV variants).
+FORMATS = frozenset({"WAV", "WAVEX", "RF64", "OGG", "MP3", "FLAC"})
+MIN_DURATION_S = 0.05
+SILENCE_PEAK = 1e-4  # -80 dBFS: nothing audible to describe
+MAX_CHANNELS = 16
+N_FFT, HOP, N_MELS, FMIN, FMAX = 2048, 512, 64, 30.0, 8000.0
+TRIM_DB = 60.0  # leading/trailing frames this far below the peak count as silence
+TOP_DB = 80.0  # log-mel floor below the clip's loudest bin
+SHAPE_FLOOR_DB = 50.0  # bands this far below the loudest band all look alike ("absent")
+N_MFCC = 20  # c0 (overall level) is dropped; 1..19 kept
+# (name, dim, weight, scale): a group's features are divided by `scale` (a typical magnitude,
+# dB or MFCC units), then multiplied by weight/sqrt(dim) so every group has a comparable norm.
+GROUPS = (
+    ("shape", N_MELS, 1.0, 8.0),
+    ("band_dynamics", N_MELS, 0.8, 2.5),
+    ("mfcc_dynamics", N_MFCC - 1, 0.6, 0.5),
+    ("mfcc_flux", N_MFCC - 1, 0.6, 0.5),
+    ("global", 8, 0.8, 1.0),
+)
+# libsndfile reports a short chunk as "data : 78331 (should be 39174)"; 0xFFFFFFFF = streamed.
+_SHORT_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.M)
+
+
+class LibrosaAudioEncoder(Encoder):
+    """Encoded audio bytes (WAV/OGG/MP3/FLAC) -> float32 (174,) unit vector (layout above).
+
+    ``prepare`` returns the decoded mono signal, float32 (samples,) at ``sample_rate``,
+    at most ``max_duration_s`` long.
+
+    Args:
+        sample_rate: analysis rate in Hz; the input is resampled to it.
+        max_duration_s: only the first this-many seconds are decoded and described.
+    """
+
+    name = "librosa-mel-mfcc"
+    modality = "audio"
+
+    def __init__(self, sample_rate: int = 22050, max_duration_s: float = 30.0) -> None:
+        import librosa  # imported here: its numba kernels compile on first import (~16 s)
+
+        if sample_rate < 2 * FMAX:
+            raise ValueError(f"sample_rate must be >= {2 * FMAX:.0f} Hz, got {sample_rate}")
+        if max_duration_s < 1.0:
+            raise ValueError(f"max_duration_s must be >= 1, got {max_duration_s}")
+        self._librosa = librosa
+        self.sample_rate = sample_rate
+        self.max_duration_s = max_duration_s
+        self._mel_fb = librosa.filters.mel(sr=sample_rate, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX)
+        self._freqs = librosa.fft_frequencies(sr=sample_rate, n_fft=N_FFT)  # (1025,)
+        # Mel envelope of pink noise (power ~ 1/f): the typical tilt of natural sounds.
+        pink = 10 * np.log10(self._mel_fb @ (1.0 / np.maximum(self._freqs, FMIN)))
+        self._pink_db = (pink - pink.mean()).astype(np.float32)  # (64,)
+        self._log_k = np.log(np.arange(1, N_MFCC))  # (19,)
+        self._weights = np.concatenate([np.full(d, w / (s * np.sqrt(d))) for _, d, w, s in GROUPS])
+
+    @property
+    def dim(self) -> int:
+        return sum(d for _, d, _, _ in GROUPS)
+
+    # ------------------------------------------------------------------ decoding
+    def prepare(self, content: Any) -> np.ndarray:
+        """Audio bytes -> mono float32 (samples,) at ``sample_rate``. Raises InvalidContent("audio", ...)."""
+        if not isinstance(content, (bytes, bytearray, memoryview)):
+            raise InvalidContent("audio", f"expected bytes, got {type(content).__name__}")
+        if len(content) == 0:
+            raise InvalidContent("audio", "audio is empty (0 bytes)")
+        try:
+            with sf.SoundFile(io.BytesIO(content)) as f:
+                fmt, sr, channels, log = f.format, f.samplerate, f.channels, f.extra_info
+                if fmt not in FORMATS:
+                    raise InvalidContent("audio", f"unsupported audio format {fmt} (accepted: WAV, OGG, MP3, FLAC)")
+                if channels > MAX_CHANNELS or not 1000 <= sr <= 384_000:
+                    raise InvalidContent("audio", f"implausible stream: {channels} channels at {sr} Hz")
+                _check_complete(log)
+                # Only the analysed prefix is decoded, so long or highly compressed files stay cheap.
+                y = f.read(frames=int(self.max_duration_s * sr), dtype="float32", always_2d=True)
+        except InvalidContent:
+            raise
+        except Exception as err:  # LibsndfileError, RuntimeError from a codec, ...
+            raise InvalidContent("audio", f"not decodable audio: {_short(err)}") from None
+        y = y.mean(axis=1)  # (samples,) mono
+        if len(y) < MIN_DURATION_S * sr:
+            raise InvalidContent("audio", f"audio too short ({len(y) / sr:.3f} s < {MIN_DURATION_S} s)")
+        if not np.isfinite(y).all():
+            raise InvalidContent("audio", "audio contains NaN or infinite samples")
+        if np.abs(y).max() < SILENCE_PEAK:
+            raise InvalidContent("audio", "audio is silent")
+        if sr != self.sample_rate:
+            y = self._librosa.resample(y, orig_sr=sr, target_sr=self.sample_rate, res_type="soxr_hq")
+        # Drop leading/trailing silence (e.g. MP3 encoder delay) so padding doesn't look like content.
+        y, _ = self._librosa.effects.trim(y, top_db=TRIM_DB, frame_length=N_FFT, hop_length=HOP)
+        if len(y) < MIN_DURATION_S * self.sample_rate:
+            raise InvalidContent("audio", f"audio too short once silence is trimmed (< {MIN_DURATION_S} s)")
+        return np.ascontiguousarray(y, dtype=np.float32)
+
+    # ------------------------------------------------------------------ features
+    def embed(self, prepared: list[np.ndarray]) -> np.ndarray:
+        """n mono signals -> float32 (n, 174), rows of unit norm."""
+        return l2_normalise(np.stack([self.features(y) for y in prepared]))
+
+    def features(self, y: np.ndarray) -> np.ndarray:
+        """One mono signal at ``sample_rate`` -> weighted, unnormalised float32 (174,) (layout above)."""
+        lr = self._librosa
+        if len(y) < N_FFT:  # pad very short clips to one full window
+            y = np.pad(y, (0, N_FFT - len(y)))
+        mag = np.abs(lr.stft(y, n_fft=N_FFT, hop_length=HOP))  # (1025, T)
+        power = mag**2
+        mel_db = 10 * np.log10(np.maximum(self._mel_fb @ power, 1e-10))  # (64, T)
+        mel_db = np.maximum(mel_db - mel_db.max(), -TOP_DB)  # relative to the loudest bin
+
+        band_mean = mel_db.mean(axis=1)  # (64,)
+        band_mean = np.maximum(band_mean, band_mean.max() - SHAPE_FLOOR_DB) - self._pink_db
+        shape = band_mean - band_mean.mean()
+        band_std = mel_db.std(axis=1)
+        band_dynamics = band_std - band_std.mean()
+
+        mfcc = lr.feature.mfcc(S=mel_db, n_mfcc=N_MFCC)[1:]  # (19, T); c0 is just level
+        # log std relative to the typical ~k^-0.6 (~k^-0.4 for flux) decay over coefficients k,
+        # minus its mean: which coefficients move more than usual, not how much overall.
+        mfcc_dynamics = np.log(mfcc.std(axis=1) + 0.1) + 0.6 * self._log_k
+        mfcc_dynamics -= mfcc_dynamics.mean()
+        flux = np.diff(mfcc, axis=1) if mfcc.shape[1] > 1 else np.zeros_like(mfcc)
+        mfcc_flux = np.log(flux.std(axis=1) + 0.1) + 0.4 * self._log_k
+        mfcc_flux -= mfcc_flux.mean()
+
+        frame_db = 10 * np.log10(np.maximum(power.sum(axis=0), 1e-10))  # (T,) frame energy
+        frame_db = np.maximum(frame_db - frame_db.max(), -TOP_DB)
+        centroid = lr.feature.spectral_centroid(S=mag, sr=self.sample_rate)[0]  # (T,) Hz
+        octaves = np.log2(np.maximum(centroid, FMIN) / 1500.0)
+        flatness = lr.feature.spectral_flatness(S=mag)[0]  # (T,) in (0, 1]
+        zcr = lr.feature.zero_crossing_rate(y, frame_length=N_FFT, hop_length=HOP)[0]  # (T,)
+        onsets = lr.onset.onset_detect(
+            onset_envelope=lr.onset.onset_strength(S=mel_db, sr=self.sample_rate), sr=self.sample_rate
+        )
+        seconds = len(y) / self.sample_rate
+        glob = np.array(
+            [
+                (frame_db.std() - 8.0) / 6.0,  # loudness dynamics (dB)
+                (band_std.mean() - 8.0) / 4.0,  # overall spectro-temporal variation (dB)
+                octaves.mean(),  # brightness, octaves around 1.5 kHz
+                octaves.std() - 0.5,  # how much brightness moves
+                (np.log10(np.maximum(flatness, 1e-8)).mean() + 4.0) / 2.0,  # noisy (0) vs tonal (-5)
+                (np.log10(np.maximum(zcr.mean(), 1e-4)) + 1.3) / 0.5,
+                (np.log1p(len(onsets) / seconds) - 1.0) / 1.0,  # onsets per second
+                ((frame_db > -40.0).mean() - 1.0) / 0.3,  # fraction of frames that are not quiet
+            ]
+        )
+        feats = np.concatenate([shape, band_dynamics, mfcc_dynamics, mfcc_flux, glob])
+        return (feats * self._weights).astype(np.float32)
+
+    def warmup(self) -> None:
+        """Decode + resample + every feature once, so numba kernels are compiled before traffic."""
+        t = np.arange(int(0.5 * 16000)) / 16000
+        tone = 0.3 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 3 * t))
+        buf = io.BytesIO()
+        sf.write(buf, tone.astype(np.float32), 16000, format="WAV", subtype="PCM_16")
+        self.encode([buf.getvalue()])
+
+
+def _check_complete(log: str) -> None:
+    """Refuse streams whose headers promise more data than the bytes hold (truncated uploads)."""
+    for declared, actual in _SHORT_CHUNK.findall(log):
+        if int(actual) < int(declared) < 0xFFFF_0000:  # huge sizes are "unknown length" placeholders
+            raise InvalidContent("audio", f"truncated file: header declares {declared} bytes, {actual} present")
+    if "lacks an end-of-stream" in log:
+        raise InvalidContent("audio", "truncated Ogg stream: last page lacks the end-of-stream flag")
+
+
+def _short(err: Exception) -> str:
+    # libsndfile messages embed the repr of our BytesIO; keep only the reason.
+    return re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>:?\s*", "", str(err)).strip() or type(err).__name__

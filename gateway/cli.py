@@ -1,0 +1,219 @@
+"""The `fusionrec` command line: serve, demo, ingest, recommend, status."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import grpc
+import typer
+from tqdm import tqdm
+
+from fusionrec.v1 import recommender_pb2 as pb
+from gateway.client import Client, catalog_batches, interaction_to_pb, read_jsonl
+from gateway.convert import value_to_pb
+from gateway.runtime import DEFAULT_CONFIG, ROOT
+
+app = typer.Typer(help="fusionrec: multimodal recommendation served over gRPC.", no_args_is_help=True)
+
+TARGET = typer.Option("127.0.0.1:9000", "--target", "-t", help="host:port of the fusionrec gRPC service.")
+TOKEN = typer.Option("", "--token", envvar="FUSIONREC_TOKEN", help="Auth token, if the server requires one.")
+CONFIG = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve config file (deploy/*.yaml).")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (default: start a local one).")
+DEMO_DIR = ROOT / ".fusionrec" / "demo"
+MEDIA_DIR = ROOT.parent / "shared" / "media"
+
+
+def _start(config: Path, ray_address: Optional[str]):
+    from gateway.runtime import start
+
+    typer.echo(f"starting Ray Serve app from {config} (first start loads models, ~1 min) ...")
+    running = start(config, ray_address)
+    typer.echo(f"SERVING on {running.target} after {running.startup_s:.1f} s")
+    return running
+
+
+def _block_until_signal() -> None:
+    from gateway.runtime import stop
+
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    typer.echo("shutting down ...")
+    stop()
+
+
+@app.command()
+def serve(config: Path = CONFIG, ray_address: Optional[str] = RAY_ADDRESS) -> None:
+    """Deploy the Serve app and serve gRPC until Ctrl-C."""
+    _start(config, ray_address)
+    _block_until_signal()
+
+
+@app.command()
+def demo(config: Path = CONFIG, ray_address: Optional[str] = RAY_ADDRESS, items: int = 240, users: int = 40,
+         media_dir: Path = typer.Option(MEDIA_DIR, help="Sample photos the catalog is made from."),
+         exit_after_load: bool = typer.Option(False, help="Stop after loading instead of serving on.")) -> None:
+    """Serve, load the deterministic sample catalog and users, print how to call it, serve on."""
+    from gateway.sample_catalog import generate_catalog
+
+    t0 = time.monotonic()
+    with tqdm(total=items, desc="generate catalog", unit="item") as bar:
+        files = generate_catalog(DEMO_DIR, media_dir, n_items=items, n_users=users, progress=bar.update)
+    running = _start(config, ray_address)
+    _ingest(files.catalog_path, running.target, "", batch_size=32)
+    _record(files.interactions_path, running.target, "")
+    client = Client(running.target)
+    reply = client.stub.Recommend(pb.RecommendRequest(user_id="user-001", k=5), timeout=30)
+    first_answer_s = time.monotonic() - t0
+    typer.echo(f"\nfirst Recommend answered {first_answer_s:.1f} s after start "
+               f"({len(reply.items)} items for user-001: {', '.join(i.item_id for i in reply.items)})")
+    typer.echo(f"""
+fusionrec is serving the sample catalog on {running.target}. Try:
+  .venv/bin/fusionrec recommend --user user-001 -k 5
+  .venv/bin/fusionrec recommend --user user-002 --text "a calm photo of a cat" -k 5
+  .venv/bin/fusionrec recommend --image {DEMO_DIR}/media/item-0001.jpg -k 5 --filter mood=calm
+  .venv/bin/fusionrec status
+  grpcurl -plaintext -d '{{"user_id": "user-001", "k": 5}}' {running.target} fusionrec.v1.Recommender/Recommend
+Ctrl-C stops it.""")
+    if not exit_after_load:
+        _block_until_signal()
+
+
+def _ingest(catalog: Path, target: str, token: str, batch_size: int) -> int:
+    client = Client(target, token)
+    total = sum(1 for _ in read_jsonl(catalog))
+    done = 0
+    with tqdm(total=total, desc="ingest", unit="item") as bar:
+        for batch in catalog_batches(catalog, batch_size):
+            reply = client.stub.UpsertItems(pb.UpsertItemsRequest(items=batch), metadata=client.metadata, timeout=600)
+            done += reply.upserted
+            bar.update(len(batch))
+    return done
+
+
+def _record(interactions: Path, target: str, token: str, batch_size: int = 1000) -> int:
+    client = Client(target, token)
+    rows = [interaction_to_pb(r) for r in read_jsonl(interactions)]
+    for i in range(0, len(rows), batch_size):
+        client.stub.RecordInteractions(pb.RecordInteractionsRequest(interactions=rows[i:i + batch_size]),
+                                       metadata=client.metadata, timeout=60)
+    return len(rows)
+
+
+@app.command()
+def ingest(catalog: Path = typer.Argument(..., exists=True, help="JSONL catalog: id, attributes, text, image, audio, vectors."),
+           interactions: Optional[Path] = typer.Option(None, exists=True, help="JSONL interactions to record after the items."),
+           target: str = TARGET, token: str = TOKEN, batch_size: int = typer.Option(32, min=1)) -> None:
+    """Upsert a JSONL catalog through the service in batches."""
+    try:
+        n = _ingest(catalog, target, token, batch_size)
+        typer.echo(f"upserted {n} items")
+        if interactions:
+            typer.echo(f"recorded {_record(interactions, target, token)} interactions")
+    except grpc.RpcError as err:
+        raise typer.Exit(_report(err))
+
+
+def _report(err: grpc.RpcError) -> int:
+    typer.echo(f"error: {err.code().name}: {err.details()}", err=True)
+    return 1
+
+
+def _parse_filter(spec: str) -> pb.Filter:
+    """attr=value | attr=a|b|c (set) | attr>=x | attr<=x | attr=lo..hi (range)."""
+    for op in (">=", "<="):
+        if op in spec:
+            name, value = spec.split(op, 1)
+            bound = {"min" if op == ">=" else "max": float(value)}
+            return pb.Filter(attribute=name, range=pb.NumericRange(**bound))
+    name, sep, value = spec.partition("=")
+    if not sep:
+        raise typer.BadParameter(f"filter {spec!r}: use attr=value, attr=a|b, attr>=x, attr<=x or attr=lo..hi")
+    if ".." in value:
+        lo, hi = value.split("..", 1)
+        return pb.Filter(attribute=name, range=pb.NumericRange(min=float(lo), max=float(hi)))
+    values = [value_to_pb(_scalar(v)) for v in value.split("|")]
+    if len(values) > 1:
+        return pb.Filter(attribute=name, in_set=pb.ValueSet(values=values))
+    return pb.Filter(attribute=name, equals=values[0])
+
+
+def _scalar(text: str):
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+@app.command()
+def recommend(user: str = typer.Option("", "--user", "-u"), k: int = typer.Option(10, "-k"),
+              text: str = typer.Option("", help="Query text."),
+              image: Optional[Path] = typer.Option(None, exists=True, help="Query image file."),
+              audio: Optional[Path] = typer.Option(None, exists=True, help="Query audio file."),
+              history: list[str] = typer.Option([], help="History item ids (instead of the stored history)."),
+              filter: list[str] = typer.Option([], "--filter", "-f", help="attr=value, attr=a|b, attr>=x, attr<=x, attr=lo..hi"),
+              exclude: list[str] = typer.Option([], help="Item ids to leave out."),
+              deadline_ms: int = typer.Option(5000), timings: bool = typer.Option(False, help="Show per-stage timings."),
+              as_json: bool = typer.Option(False, "--json"), target: str = TARGET, token: str = TOKEN) -> None:
+    """Call Recommend and print the ranked items."""
+    request = pb.RecommendRequest(
+        user_id=user, k=k, history_item_ids=history, exclude_item_ids=exclude, debug_timings=timings,
+        filters=[_parse_filter(f) for f in filter],
+        query=pb.Content(text=text, image=image.read_bytes() if image else b"",
+                         audio=audio.read_bytes() if audio else b""))
+    client = Client(target, token)
+    try:
+        reply = client.stub.Recommend(request, timeout=deadline_ms / 1000, metadata=client.metadata)
+    except grpc.RpcError as err:
+        raise typer.Exit(_report(err))
+    if as_json:
+        from google.protobuf.json_format import MessageToDict
+        typer.echo(json.dumps(MessageToDict(reply), indent=2))
+        return
+    typer.echo(f"request {reply.request_id}  model {reply.model_version}  used {list(reply.modalities_used)}"
+               + (f"  DEGRADED {[(d.modality, d.reason) for d in reply.modalities_dropped]}" if reply.degraded else ""))
+    for rank, item in enumerate(reply.items, 1):
+        parts = " ".join(f"{c.modality}={c.score:+.3f}" for c in item.contributions)
+        attrs = {k: getattr(v, v.WhichOneof("kind")) for k, v in item.attributes.items()}
+        typer.echo(f"{rank:3d}. {item.item_id:<16} {item.score:.4f}  [{parts}]  {attrs}")
+    for t in reply.timings:
+        typer.echo(f"  {t.stage:<22} {t.duration_ms:8.2f} ms")
+
+
+@app.command()
+def status(target: str = TARGET, token: str = TOKEN, ray_address: str = typer.Option("auto", "--ray-address"),
+           app_name: str = "fusionrec") -> None:
+    """Health, deployments, replicas and item count; exits 0 only while health is SERVING."""
+    serving = Client(target, token).serving()
+    typer.echo(f"health {target}: {'SERVING' if serving else 'NOT SERVING'}")
+    try:
+        _print_deployments(ray_address, app_name)
+    except Exception as err:  # the cluster may be unreachable from here; health still decides
+        typer.echo(f"deployments: unavailable ({type(err).__name__}: {err})")
+    raise typer.Exit(0 if serving else 1)
+
+
+def _print_deployments(ray_address: str, app_name: str) -> None:
+    import ray
+    from ray import serve
+
+    ray.init(address=ray_address, log_to_driver=False, namespace="fusionrec", logging_level="ERROR")
+    app_status = serve.status().applications[app_name]
+    typer.echo(f"application {app_name}: {app_status.status}")
+    for name, dep in app_status.deployments.items():
+        replicas = ", ".join(f"{n} {state}" for state, n in dep.replica_states.items())
+        typer.echo(f"  {name:<14} {dep.status:<10} replicas: {replicas}")
+    count = serve.get_deployment_handle("Retrieval", app_name).count.remote().result(timeout_s=30)
+    typer.echo(f"items stored: {count}")
+
+
+if __name__ == "__main__":
+    app()

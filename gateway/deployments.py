@@ -1,0 +1,180 @@
+"""Ray Serve deployments: thin wrappers (batching, placement, readiness) around plain classes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from encoders.base import InvalidContent
+from encoders.registry import get_encoder
+from fusion.registry import get_fusion_model
+from gateway.config import AppConfig, EncoderConfig, FusionConfig, StoreConfig
+from gateway.errors import NotFound
+from gateway.store.base import Candidate, FilterSpec, InteractionEvent, StoredItem, StoreSchema
+
+log = logging.getLogger("fusionrec")
+
+
+@serve.deployment
+class EncoderDeployment:
+    """One modality encoder behind @serve.batch; a bad input fails only its own request."""
+
+    def __init__(self, modality: str, config: dict) -> None:
+        cfg = EncoderConfig.model_validate(config)
+        self.encoder = get_encoder(cfg.name, **cfg.options)
+        if self.encoder.modality != modality:
+            raise ValueError(f"encoder {cfg.name!r} encodes {self.encoder.modality}, not {modality}")
+        self.encoder.warmup()
+
+    def reconfigure(self, user_config: dict) -> None:
+        self._encode_batch.set_max_batch_size(int(user_config.get("max_batch_size", 32)))
+        self._encode_batch.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.005)))
+
+    def info(self) -> dict[str, Any]:
+        e = self.encoder
+        return {"name": e.name, "version": e.version, "modality": e.modality, "dim": e.dim}
+
+    async def encode(self, content: str | bytes) -> np.ndarray:
+        """One input -> (dim,) float32 unit vector; raises InvalidContent for bad input."""
+        result = await self._encode_batch(content)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _encode_batch(self, contents: list[str | bytes]) -> list[np.ndarray | InvalidContent]:
+        # Off the event loop, so the next batch queues up while this one runs.
+        return await asyncio.to_thread(self._encode_isolated, contents)
+
+    def _encode_isolated(self, contents: list[str | bytes]) -> list[np.ndarray | InvalidContent]:
+        out: list[Any] = [None] * len(contents)
+        prepared, positions = [], []
+        for i, content in enumerate(contents):
+            try:
+                prepared.append(self.encoder.prepare(content))
+                positions.append(i)
+            except InvalidContent as err:
+                out[i] = err
+        if prepared:
+            for i, vec in zip(positions, self.encoder.embed(prepared)):
+                out[i] = vec
+        return out
+
+
+async def _modality_dims(encoders: dict[str, DeploymentHandle], precomputed: dict[str, int]) -> tuple[dict, dict]:
+    infos = await asyncio.gather(*(h.info.remote() for h in encoders.values()))
+    dims = {m: info["dim"] for m, info in zip(encoders, infos)} | dict(precomputed)
+    versions = {m: info["version"] for m, info in zip(encoders, infos)}
+    return dims, versions
+
+
+@serve.deployment
+class FusionDeployment:
+    """Item tower, user tower and score attribution of the configured fusion model."""
+
+    async def __init__(self, config: dict, encoders: dict[str, DeploymentHandle], precomputed: dict[str, int]) -> None:
+        cfg = FusionConfig.model_validate(config)
+        dims, _ = await _modality_dims(encoders, precomputed)
+        self.model = get_fusion_model(cfg.name, dims, **cfg.options)
+
+    def info(self) -> dict[str, Any]:
+        return {"version": self.model.version, "dim": self.model.dim, "modality_dims": self.model.modality_dims}
+
+    def item_vectors(self, items: list[dict[str, np.ndarray]]) -> np.ndarray:
+        return self.model.item_vectors(items)
+
+    def user_vector(self, history: np.ndarray, query: dict[str, np.ndarray]) -> np.ndarray:
+        return self.model.user_vector(history, query)
+
+    def contributions(self, user: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
+        return self.model.contributions(user, items)
+
+
+@serve.deployment
+class RetrievalDeployment:
+    """The only owner of the Milvus data: items, vectors, attributes and interaction history."""
+
+    async def __init__(self, config: dict, encoders: dict[str, DeploymentHandle], fusion: DeploymentHandle,
+                       precomputed: dict[str, int]) -> None:
+        from gateway.store.milvus import MilvusStore  # pymilvus loads only in this replica
+
+        cfg = StoreConfig.model_validate(config)
+        dims, versions = await _modality_dims(encoders, precomputed)
+        fusion_info = await fusion.info.remote()
+        self.schema = StoreSchema(modality_dims=dims, fused_dim=fusion_info["dim"],
+                                  encoder_versions=versions, model_version=fusion_info["version"])
+        self.store = await asyncio.to_thread(
+            MilvusStore, cfg.uri, self.schema, items_collection=cfg.items_collection,
+            interactions_collection=cfg.interactions_collection, token=cfg.token)
+        self._lock = threading.Lock()  # one client call at a time: Milvus Lite is single-threaded
+
+    def info(self) -> dict[str, Any]:
+        return asdict(self.schema)
+
+    def check_health(self) -> None:
+        with self._lock:
+            self.store.count()
+
+    def count(self) -> int:
+        with self._lock:
+            return self.store.count()
+
+    def upsert(self, items: list[StoredItem]) -> int:
+        with self._lock:
+            self.store.upsert(items)
+        return len(items)
+
+    def delete(self, item_ids: list[str]) -> list[str]:
+        with self._lock:
+            return self.store.delete(item_ids)
+
+    def get(self, item_ids: list[str]) -> dict[str, StoredItem]:
+        with self._lock:
+            return self.store.get(item_ids)
+
+    def fused_vectors(self, item_ids: list[str]) -> tuple[list[str], np.ndarray]:
+        """Known ids among item_ids (order kept) and their (n, fused_dim) vectors."""
+        with self._lock:
+            found = self.store.get(list(dict.fromkeys(item_ids)))
+        ids = [i for i in item_ids if i in found]
+        vecs = np.stack([found[i].fused for i in ids]) if ids else np.zeros((0, self.schema.fused_dim), np.float32)
+        return ids, vecs
+
+    def history_vectors(self, user_id: str, limit: int) -> tuple[list[str], np.ndarray]:
+        """The user's recent item ids (oldest first) and their fused vectors."""
+        with self._lock:
+            events = self.store.history(user_id, limit)
+        return self.fused_vectors([e.item_id for e in events])
+
+    def search(self, query: np.ndarray, k: int, filters: list[FilterSpec], exclude_ids: set[str]) -> list[Candidate]:
+        with self._lock:
+            return self.store.search(query, k, filters, exclude_ids)
+
+    def record_interactions(self, events: list[InteractionEvent]) -> int:
+        with self._lock:
+            known = self.store.get(sorted({e.item_id for e in events}))
+            missing = sorted({e.item_id for e in events} - set(known))
+            if missing:
+                raise NotFound(f"interactions name unknown items {missing[:10]}; upsert them first "
+                               "(nothing from this batch was recorded)")
+            self.store.record_interactions(events)
+        return len(events)
+
+    def __del__(self) -> None:
+        store = getattr(self, "store", None)
+        if store is not None:
+            store.close()
+
+
+def encoder_deployment_name(modality: str) -> str:
+    return f"{modality.capitalize()}Encoder"
+
+
+__all__ = ["EncoderDeployment", "FusionDeployment", "RetrievalDeployment", "encoder_deployment_name", "AppConfig"]

@@ -1,0 +1,122 @@
+"""Request checks against the configured limits; each failure names the field to fix."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from gateway.config import LimitsConfig
+from gateway.domain import FilterSpec, InteractionEvent, ItemInput, RecommendQuery
+from gateway.errors import InvalidArgument
+
+ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+MAX_ATTRIBUTES = 64
+MAX_STRING_ATTRIBUTE = 4096
+
+
+def check_id(value: str, what: str, limits: LimitsConfig) -> None:
+    if not value:
+        raise InvalidArgument(f"{what} must not be empty")
+    if len(value) > limits.max_id_length:
+        raise InvalidArgument(f"{what} is {len(value)} characters; the limit is {limits.max_id_length}")
+
+
+def check_attribute_name(name: str, what: str) -> None:
+    if not ATTRIBUTE_NAME.match(name):
+        raise InvalidArgument(f"{what} {name!r} is not a valid attribute name "
+                              "(letters, digits and _, starting with a letter or _, at most 64)")
+
+
+def check_attributes(attributes: dict, what: str) -> None:
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise InvalidArgument(f"{what} has {len(attributes)} attributes; the limit is {MAX_ATTRIBUTES}")
+    for name, value in attributes.items():
+        check_attribute_name(name, f"{what} attribute")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidArgument(f"{what} attribute {name!r} is not a finite number")
+        if isinstance(value, str) and len(value) > MAX_STRING_ATTRIBUTE:
+            raise InvalidArgument(f"{what} attribute {name!r} is longer than {MAX_STRING_ATTRIBUTE} characters")
+
+
+def check_filters(filters: list[FilterSpec], limits: LimitsConfig) -> None:
+    if len(filters) > limits.max_filters:
+        raise InvalidArgument(f"{len(filters)} filters given; the limit is {limits.max_filters}")
+    for i, f in enumerate(filters):
+        what = f"filters[{i}]"
+        check_attribute_name(f.attribute, f"{what}.attribute")
+        kinds = [f.equals is not None, f.min is not None or f.max is not None, f.in_set is not None]
+        if sum(kinds) != 1:
+            raise InvalidArgument(f"{what} must set exactly one of equals, range or in_set")
+        if f.min is not None and f.max is not None and f.min > f.max:
+            raise InvalidArgument(f"{what}.range has min {f.min} > max {f.max}")
+        for bound in (f.min, f.max):
+            if bound is not None and not math.isfinite(bound):
+                raise InvalidArgument(f"{what}.range bounds must be finite numbers")
+        if f.in_set is not None and not 1 <= len(f.in_set) <= limits.max_set_values:
+            raise InvalidArgument(f"{what}.in_set needs 1..{limits.max_set_values} values, got {len(f.in_set)}")
+
+
+def check_recommend(q: RecommendQuery, limits: LimitsConfig) -> None:
+    """Raise InvalidArgument unless the query is well-formed; fills in the default k."""
+    if q.user_id:
+        check_id(q.user_id, "user_id", limits)
+    elif not q.history_item_ids and not q.query.by_modality:
+        raise InvalidArgument("send a user_id, history_item_ids or query content")
+    if q.k == 0:
+        q.k = limits.default_k
+    if not 1 <= q.k <= limits.max_k:
+        raise InvalidArgument(f"k must be between 1 and {limits.max_k}, got {q.k}")
+    if len(q.history_item_ids) > limits.max_history:
+        raise InvalidArgument(f"history_item_ids has {len(q.history_item_ids)} ids; the limit is {limits.max_history}")
+    if len(q.exclude_item_ids) > limits.max_exclude_ids:
+        raise InvalidArgument(f"exclude_item_ids has {len(q.exclude_item_ids)} ids; the limit is {limits.max_exclude_ids}")
+    for i, item_id in enumerate(q.history_item_ids):
+        check_id(item_id, f"history_item_ids[{i}]", limits)
+    check_filters(q.filters, limits)
+
+
+def check_items(items: list[ItemInput], limits: LimitsConfig, modality_dims: dict[str, int],
+                encoded_modalities: set[str]) -> None:
+    """Raise InvalidArgument unless every item can be stored."""
+    if not items:
+        raise InvalidArgument("items must not be empty")
+    if len(items) > limits.max_upsert_batch:
+        raise InvalidArgument(f"{len(items)} items in one call; the limit is {limits.max_upsert_batch}: split the batch")
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        what = f"items[{i}] ({item.item_id!r})"
+        check_id(item.item_id, f"items[{i}].item_id", limits)
+        if item.item_id in seen:
+            raise InvalidArgument(f"{what}: item_id appears twice in the batch")
+        seen.add(item.item_id)
+        check_attributes(item.attributes, what)
+        for modality in item.content.by_modality:
+            if modality not in encoded_modalities:
+                raise InvalidArgument(f"{what}: no encoder is configured for {modality} content")
+        for modality, vec in item.vectors.items():
+            if modality not in modality_dims:
+                raise InvalidArgument(f"{what}: unknown vector modality {modality!r}; known: {sorted(modality_dims)}")
+            if modality in item.content.by_modality:
+                raise InvalidArgument(f"{what}: {modality} given both as content and as a vector")
+            if vec.shape != (modality_dims[modality],):
+                raise InvalidArgument(f"{what}: {modality} vector has {vec.size} values, expected {modality_dims[modality]}")
+            if not np.isfinite(vec).all() or not np.any(vec):
+                raise InvalidArgument(f"{what}: {modality} vector must be finite and not all zero")
+        if not item.content.by_modality and not item.vectors:
+            raise InvalidArgument(f"{what}: give content or vectors for at least one modality")
+
+
+def check_interactions(events: list[InteractionEvent], limits: LimitsConfig) -> None:
+    if not events:
+        raise InvalidArgument("interactions must not be empty")
+    if len(events) > limits.max_interactions_batch:
+        raise InvalidArgument(f"{len(events)} interactions in one call; the limit is {limits.max_interactions_batch}")
+    for i, e in enumerate(events):
+        check_id(e.user_id, f"interactions[{i}].user_id", limits)
+        check_id(e.item_id, f"interactions[{i}].item_id", limits)
+        if not math.isfinite(e.timestamp_s) or e.timestamp_s < 0:
+            raise InvalidArgument(f"interactions[{i}].timestamp_s must be a non-negative number of seconds")
+        if len(e.kind) > 64:
+            raise InvalidArgument(f"interactions[{i}].kind is longer than 64 characters")
