@@ -1,28 +1,32 @@
 """Audio encoder: hand-crafted log-mel / MFCC statistics (librosa), no learned weights.
 
-Feature layout (``dim`` = 174, float32, L2-normalised as a whole), all computed at 22,050 Hz
-(default) on the first 30 s, n_fft 2048, hop 512, 64 mel bands 30-8,000 Hz, log-mel in dB
-relative to the clip's loudest bin and floored 80 dB below it (so gain does not matter):
+Pipeline: decode (libsndfile) -> mono -> first ``max_duration_s`` (30 s) -> resample to
+``sample_rate`` (22,050 Hz) -> trim leading/trailing silence (60 dB under the peak) ->
+STFT (n_fft 2048, hop 512) -> 64 mel bands 30-8,000 Hz in dB relative to the clip's loudest
+bin, floored 80 dB below it (so gain does not matter) -> the statistics below.
 
-====================  ===  ================================================================
-group                 dim  content
-====================  ===  ================================================================
-``shape``              64  per-band mean dB minus a pink-noise (1/f) reference, bands more
-                           than 50 dB under the loudest band floored, then minus its own mean
-                           (spectral envelope; broadband level and the typical tilt removed)
-``band_dynamics``      64  per-band std over time in dB, minus its own mean (which bands move)
-``mfcc_dynamics``      19  std over time of MFCC 1-19 (timbre change), fixed scale
-``mfcc_flux``          19  std over time of the frame-to-frame change of MFCC 1-19, fixed scale
-``global``              8  level dynamics, mean band std, centroid (mean, spread), flatness,
-                           zero-crossing rate, onset rate, active fraction; each centred and
-                           scaled with fixed constants to roughly [-1, 1]
-====================  ===  ================================================================
+Feature layout (``dim`` = 174, float32, the whole vector L2-normalised):
 
-Why the centring: raw dB statistics share a large common component (every sound is loudest
-at low frequencies and sits on the same floor), which makes all clips ~0.99 cosine-similar.
-Removing each group's common part and giving every group a fixed weight makes cosine
-similarity reflect differences in content: the same clip as WAV/OGG/MP3 stays > 0.9 while
-unrelated clips fall well below.
+=================  ===  =====================================================================
+group              dim  content
+=================  ===  =====================================================================
+``shape``           64  per-band mean dB, bands more than 35 dB under the loudest band
+                        floored ("absent"), minus a pink-noise (1/f) reference, minus its own
+                        mean: the spectral envelope without level or the usual tilt
+``band_dynamics``   64  per-band std over time (dB) minus its own mean: which bands move
+``mfcc_dynamics``   19  log std over time of MFCC 1-19, plus 0.6 log k (the usual decay over
+                        coefficient k), minus its own mean: which timbre axes vary
+``mfcc_flux``       19  same for the frame-to-frame change of MFCC 1-19 (0.4 log k)
+``global``           8  loudness dynamics, mean band std, centroid (mean, spread), flatness,
+                        zero-crossing rate, onset rate, non-quiet fraction; each centred and
+                        scaled with fixed constants to roughly [-1, 1]
+=================  ===  =====================================================================
+
+Each group is divided by a fixed typical magnitude and weighted by weight/sqrt(dim)
+(``GROUPS``) so that no group dominates. Why the centring: raw dB statistics share a large
+common component (every sound is loudest at low frequencies, every band-limited file has
+the same empty top bands), which makes any two clips ~0.99 cosine-similar. With it, on the
+sample media the same clip as WAV/OGG/MP3 is 0.99 similar and different clips 0.1-0.6.
 """
 
 from __future__ import annotations
@@ -44,15 +48,15 @@ MAX_CHANNELS = 16
 N_FFT, HOP, N_MELS, FMIN, FMAX = 2048, 512, 64, 30.0, 8000.0
 TRIM_DB = 60.0  # leading/trailing frames this far below the peak count as silence
 TOP_DB = 80.0  # log-mel floor below the clip's loudest bin
-SHAPE_FLOOR_DB = 50.0  # bands this far below the loudest band all look alike ("absent")
+SHAPE_FLOOR_DB = 35.0  # bands this far below the loudest band all look alike ("absent")
 N_MFCC = 20  # c0 (overall level) is dropped; 1..19 kept
 # (name, dim, weight, scale): a group's features are divided by `scale` (a typical magnitude,
 # dB or MFCC units), then multiplied by weight/sqrt(dim) so every group has a comparable norm.
 GROUPS = (
-    ("shape", N_MELS, 1.0, 8.0),
+    ("shape", N_MELS, 1.0, 5.0),
     ("band_dynamics", N_MELS, 0.8, 2.5),
-    ("mfcc_dynamics", N_MFCC - 1, 0.6, 0.5),
-    ("mfcc_flux", N_MFCC - 1, 0.6, 0.5),
+    ("mfcc_dynamics", N_MFCC - 1, 0.6, 0.25),
+    ("mfcc_flux", N_MFCC - 1, 0.6, 0.2),
     ("global", 8, 0.8, 1.0),
 )
 # libsndfile reports a short chunk as "data : 78331 (should be 39174)"; 0xFFFFFFFF = streamed.
@@ -63,7 +67,8 @@ class LibrosaAudioEncoder(Encoder):
     """Encoded audio bytes (WAV/OGG/MP3/FLAC) -> float32 (174,) unit vector (layout above).
 
     ``prepare`` returns the decoded mono signal, float32 (samples,) at ``sample_rate``,
-    at most ``max_duration_s`` long.
+    at most ``max_duration_s`` long, silence trimmed. Truncated WAV/FLAC/Ogg files are
+    refused; MP3 has no length field, so an MP3 cut at a frame boundary is just shorter audio.
 
     Args:
         sample_rate: analysis rate in Hz; the input is resampled to it.
@@ -106,7 +111,7 @@ class LibrosaAudioEncoder(Encoder):
             with sf.SoundFile(io.BytesIO(content)) as f:
                 fmt, sr, channels, log = f.format, f.samplerate, f.channels, f.extra_info
                 if fmt not in FORMATS:
-                    raise InvalidContent("audio", f"unsupported audio format {fmt} (accepted: WAV, OGG, MP3, FLAC)")
+                    raise InvalidContent("audio", f"unsupported format {fmt} (accepted: WAV, OGG, MP3, FLAC)")
                 if channels > MAX_CHANNELS or not 1000 <= sr <= 384_000:
                     raise InvalidContent("audio", f"implausible stream: {channels} channels at {sr} Hz")
                 _check_complete(log)
@@ -163,27 +168,27 @@ class LibrosaAudioEncoder(Encoder):
 
         frame_db = 10 * np.log10(np.maximum(power.sum(axis=0), 1e-10))  # (T,) frame energy
         frame_db = np.maximum(frame_db - frame_db.max(), -TOP_DB)
-        centroid = lr.feature.spectral_centroid(S=mag, sr=self.sample_rate)[0]  # (T,) Hz
+        centroid = (self._freqs @ mag) / np.maximum(mag.sum(axis=0), 1e-10)  # (T,) Hz
         octaves = np.log2(np.maximum(centroid, FMIN) / 1500.0)
         flatness = lr.feature.spectral_flatness(S=mag)[0]  # (T,) in (0, 1]
-        zcr = lr.feature.zero_crossing_rate(y, frame_length=N_FFT, hop_length=HOP)[0]  # (T,)
+        zcr = np.count_nonzero(np.diff(np.signbit(y))) / len(y)  # crossings per sample
         onsets = lr.onset.onset_detect(
             onset_envelope=lr.onset.onset_strength(S=mel_db, sr=self.sample_rate), sr=self.sample_rate
         )
         seconds = len(y) / self.sample_rate
-        glob = np.array(
+        summary = np.array(
             [
                 (frame_db.std() - 8.0) / 6.0,  # loudness dynamics (dB)
                 (band_std.mean() - 8.0) / 4.0,  # overall spectro-temporal variation (dB)
                 octaves.mean(),  # brightness, octaves around 1.5 kHz
                 octaves.std() - 0.5,  # how much brightness moves
                 (np.log10(np.maximum(flatness, 1e-8)).mean() + 4.0) / 2.0,  # noisy (0) vs tonal (-5)
-                (np.log10(np.maximum(zcr.mean(), 1e-4)) + 1.3) / 0.5,
+                (np.log10(max(zcr, 1e-4)) + 1.3) / 0.5,
                 (np.log1p(len(onsets) / seconds) - 1.0) / 1.0,  # onsets per second
                 ((frame_db > -40.0).mean() - 1.0) / 0.3,  # fraction of frames that are not quiet
             ]
         )
-        feats = np.concatenate([shape, band_dynamics, mfcc_dynamics, mfcc_flux, glob])
+        feats = np.concatenate([shape, band_dynamics, mfcc_dynamics, mfcc_flux, summary])
         return (feats * self._weights).astype(np.float32)
 
     def warmup(self) -> None:
@@ -199,7 +204,8 @@ def _check_complete(log: str) -> None:
     """Refuse streams whose headers promise more data than the bytes hold (truncated uploads)."""
     for declared, actual in _SHORT_CHUNK.findall(log):
         if int(actual) < int(declared) < 0xFFFF_0000:  # huge sizes are "unknown length" placeholders
-            raise InvalidContent("audio", f"truncated file: header declares {declared} bytes, {actual} present")
+            reason = f"truncated file: header declares {declared} data bytes, {actual} present"
+            raise InvalidContent("audio", reason)
     if "lacks an end-of-stream" in log:
         raise InvalidContent("audio", "truncated Ogg stream: last page lacks the end-of-stream flag")
 
