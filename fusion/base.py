@@ -31,11 +31,12 @@ class FusionModel(ABC):
         """Length of fused vectors."""
 
     @abstractmethod
-    def item_vectors(self, items: list[dict[str, np.ndarray]]) -> np.ndarray:
+    def item_vectors(self, items: list[dict[str, np.ndarray]], item_ids: list[str] | None = None) -> np.ndarray:
         """Item tower.
 
         Args:
             items: per item, modality -> (modality_dims[m],) vector; any non-empty subset.
+            item_ids: the items' ids, for models with learned per-item embeddings (ignored otherwise).
         Returns:
             (len(items), dim) float32, unit rows.
         """

@@ -78,7 +78,7 @@ class WeightedBlockFusion(FusionModel):
             raise ValueError("no usable modality vector (all empty or zero)")
         return out / total
 
-    def item_vectors(self, items: list[dict[str, np.ndarray]]) -> np.ndarray:
+    def item_vectors(self, items: list[dict[str, np.ndarray]], item_ids: list[str] | None = None) -> np.ndarray:
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([self._fuse(item) for item in items])

@@ -235,7 +235,7 @@ def bench_latency(n: int = typer.Option(100, help="Sequential calls per request 
                   target: str = TARGET, token: str = TOKEN,
                   out_dir: Path = typer.Option(ROOT / "bench" / "results")) -> None:
     """Sequential Recommend p50/p99 by user and with text/image/audio queries, and system memory."""
-    from gateway import bench
+    from gateway.benchmarks import latency as bench
 
     client = Client(target, token)
     requests = bench.request_kinds(DEMO_DIR, user)

@@ -87,8 +87,8 @@ class FusionDeployment:
     def info(self) -> dict[str, Any]:
         return {"version": self.model.version, "dim": self.model.dim, "modality_dims": self.model.modality_dims}
 
-    def item_vectors(self, items: list[dict[str, np.ndarray]]) -> np.ndarray:
-        return self.model.item_vectors(items)
+    def item_vectors(self, items: list[dict[str, np.ndarray]], item_ids: list[str] | None = None) -> np.ndarray:
+        return self.model.item_vectors(items, item_ids)
 
     def user_vector(self, history: np.ndarray, query: dict[str, np.ndarray]) -> np.ndarray:
         return self.model.user_vector(history, query)

@@ -158,7 +158,7 @@ class Recommender:
                 raise Unavailable(f"the {m} encoder failed ({type(result).__name__}); nothing was stored, retry")
             vectors[i][m] = result
             versions[i][m] = self.encoder_versions[m]
-        fused = await self.fusion.item_vectors.remote(vectors)
+        fused = await self.fusion.item_vectors.remote(vectors, [item.item_id for item in items])
         stored = [StoredItem(item_id=item.item_id, attributes=item.attributes, modality_vectors=vectors[i],
                              fused=fused[i], encoder_versions=versions[i], model_version=self.model_version)
                   for i, item in enumerate(items)]
