@@ -222,32 +222,15 @@ def _print_deployments(ray_address: str, app_name: str) -> None:
     for name, dep in app_status.deployments.items():
         replicas = ", ".join(f"{n} {_name(state)}" for state, n in dep.replica_states.items())
         typer.echo(f"  {name:<14} {_name(dep.status):<12} replicas: {replicas}")
-    count = serve.get_deployment_handle("Retrieval", app_name).count.remote().result(timeout_s=30)
+    from gateway.runtime import call_handle
+
+    count = call_handle(serve.get_deployment_handle("Retrieval", app_name), "count", timeout_s=30)
     typer.echo(f"items stored: {count}")
 
 
-bench_app = typer.Typer(help="Benchmarks against a running service; print a table, write bench/results/.")
+from gateway.cli_bench import bench_app  # noqa: E402  (commands register on import)
+
 app.add_typer(bench_app, name="bench")
-
-
-@bench_app.command("latency")
-def bench_latency(n: int = typer.Option(100, help="Sequential calls per request kind."), user: str = "user-001",
-                  target: str = TARGET, token: str = TOKEN,
-                  out_dir: Path = typer.Option(ROOT / "bench" / "results")) -> None:
-    """Sequential Recommend p50/p99 by user and with text/image/audio queries, and system memory."""
-    from gateway.benchmarks import latency as bench
-
-    client = Client(target, token)
-    requests = bench.request_kinds(DEMO_DIR, user)
-    with tqdm(total=n * len(requests), desc="recommend", unit="call") as bar:
-        stats = bench.sequential_latency(client, requests, n, progress=bar.update)
-    memory = bench.system_memory_mb()
-    path = bench.write_results(stats, memory, out_dir, {"target": target, "calls_per_kind": n})
-    typer.echo(f"{'kind':<12} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
-    for s in stats:
-        typer.echo(f"{s.kind:<12} {s.p50_ms:8.1f} {s.p99_ms:8.1f} {s.mean_ms:8.1f}")
-    typer.echo(f"memory: {memory['processes']} processes, PSS {memory['pss_mb']:.0f} MiB (RSS sum {memory['rss_mb']:.0f} MiB)")
-    typer.echo(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ class EncoderDeployment:
             raise result
         return result
 
+    async def encode_many(self, contents: list[str | bytes]) -> list[np.ndarray | InvalidContent]:
+        """Several inputs in one call (one hop for a whole upsert); they join the same batches.
+
+        Returns per input a (dim,) vector or the InvalidContent it raised.
+        """
+        return list(await asyncio.gather(*(self._encode_batch(c) for c in contents)))
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, contents: list[str | bytes]) -> list[np.ndarray | InvalidContent]:
         # Off the event loop, so the next batch queues up while this one runs.

@@ -146,18 +146,24 @@ class Recommender:
         """Encode, fuse and store a batch; all or nothing."""
         check_items(items, self.limits, self.modality_dims, set(self.encoders))
         versions = self._vector_versions(items)
-        keys = [(i, m) for i, item in enumerate(items) for m in item.content.by_modality]
-        results = await asyncio.gather(
-            *(self.encoders[m].encode.remote(items[i].content.by_modality[m]) for i, m in keys),
-            return_exceptions=True)
+        # One call per modality: the encoder replica batches the contents itself.
+        by_modality: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            for m in item.content.by_modality:
+                by_modality.setdefault(m, []).append(i)
+        modalities = list(by_modality)
+        replies = await asyncio.gather(
+            *(self.encoders[m].encode_many.remote([items[i].content.by_modality[m] for i in by_modality[m]])
+              for m in modalities), return_exceptions=True)
         vectors = [dict(item.vectors) for item in items]
-        for (i, m), result in zip(keys, results):
-            if isinstance(result, InvalidContent):
-                raise InvalidArgument(f"items[{i}] ({items[i].item_id!r}) content.{m}: {result.reason}")
-            if isinstance(result, BaseException):
-                raise Unavailable(f"the {m} encoder failed ({type(result).__name__}); nothing was stored, retry")
-            vectors[i][m] = result
-            versions[i][m] = self.encoder_versions[m]
+        for m, reply in zip(modalities, replies):
+            if isinstance(reply, BaseException):
+                raise Unavailable(f"the {m} encoder failed ({type(reply).__name__}); nothing was stored, retry")
+            for i, result in zip(by_modality[m], reply):
+                if isinstance(result, InvalidContent):
+                    raise InvalidArgument(f"items[{i}] ({items[i].item_id!r}) content.{m}: {result.reason}")
+                vectors[i][m] = result
+                versions[i][m] = self.encoder_versions[m]
         fused = await self.fusion.item_vectors.remote(vectors, [item.item_id for item in items])
         stored = [StoredItem(item_id=item.item_id, attributes=item.attributes, modality_vectors=vectors[i],
                              fused=fused[i], encoder_versions=versions[i], model_version=self.model_version)

@@ -1,0 +1,126 @@
+"""`make bench`: every benchmark in one run, side by side, into bench/results/summary.json."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from fusionrec.v1 import recommender_pb2 as pb
+from gateway.benchmarks import encode, load, seed
+from gateway.benchmarks.floor import build_floor_app
+from gateway.benchmarks.latency import system_memory_mb
+from gateway.client import Client
+from gateway.config import load_serve_file
+from gateway.runtime import start, stop
+from gateway.sample_catalog import generate_catalog
+
+Log = Callable[[str], None]
+
+
+def user_requests(users: list[str], k: int = 10) -> list[pb.RecommendRequest]:
+    return [pb.RecommendRequest(user_id=u, k=k) for u in users]
+
+
+def mixed_requests(users: list[str], inputs: dict[str, list]) -> list[tuple[str, list[pb.RecommendRequest], float]]:
+    """By user, and by user with a text / image / audio query (the sample catalog's content)."""
+    by_kind = {"text": "text", "image": "image", "audio": "audio"}
+    mix = [("by_user", user_requests(users), 0.55)]
+    for kind, field in by_kind.items():
+        reqs = [pb.RecommendRequest(user_id=users[i % len(users)], k=10, query=pb.Content(**{field: x}))
+                for i, x in enumerate(inputs[kind][:16])]
+        mix.append((f"{kind}_query", reqs, 0.15))
+    return mix
+
+
+def _table(name: str, results: list[load.LevelResult], log: Log) -> None:
+    log(f"{name}: {'conc':>5} {'qps':>8} {'p50':>8} {'p95':>8} {'p99':>8}  errors")
+    for r in results:
+        log(f"{'':{len(name)}}  {r.concurrency:5d} {r.qps:8.1f} {r.p50_ms:8.1f} {r.p95_ms:8.1f} {r.p99_ms:8.1f}  {r.errors or ''}")
+
+
+def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int = 1000,
+              levels: tuple[int, ...] = (1, 2, 4, 8, 16, 32), duration_s: float = 8.0,
+              encode_items: dict[str, int] | None = None, retrieval_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
+              log: Log = print, progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encode_items = encode_items or {"text": 512, "image": 96, "audio": 192}
+    app_cfg = load_serve_file(config).app_config()
+    summary: dict = {"date": time.strftime("%Y-%m-%d"), "config": str(config), "n_items": n_items}
+    with tempfile.TemporaryDirectory(prefix="fusionrec-bench-") as tmp:
+        work = Path(tmp)
+        catalog = generate_catalog(work / "catalog", Path(__file__).resolve().parents[3] / "shared" / "media",
+                                   n_items=64, n_users=4)
+        inputs = encode.sample_inputs(catalog.catalog_path)
+
+        # 1. The real app: cold start, 100k synthetic items, load, serving efficiency, memory.
+        t0 = time.monotonic()
+        running = start(config, overrides={"server": {"port": 0}, "store": {"uri": str(work / "bench.db")}})
+        client = Client(running.target)
+        client.stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.ItemInput(item_id="first", content=pb.Content(text="hello"))]))
+        client.stub.Recommend(pb.RecommendRequest(query=pb.Content(text="hello"), k=1), timeout=30)
+        summary["cold_start_s"] = time.monotonic() - t0
+        log(f"cold start (Ray + models + first answer): {summary['cold_start_s']:.1f} s")
+        try:
+            t1 = time.monotonic()
+            dims = {m: d for m, d in _modality_dims(client, running).items()}
+            users = seed.seed_catalog(client, n_items, n_users, dims, running.info["encoder_versions"],
+                                      progress=progress("seed items", n_items) if progress else None)
+            summary["seed_items_per_s"] = n_items / (time.monotonic() - t1)
+            by_user = load.closed_loop(running.target, [("by_user", user_requests(users), 1.0)], list(levels), duration_s)
+            _table("recommend by_user", by_user, log)
+            mixed = load.closed_loop(running.target, mixed_requests(users, inputs), list(levels), duration_s)
+            _table("recommend mixed", mixed, log)
+            summary["memory"] = system_memory_mb()
+            efficiency = {}
+            for modality, n in encode_items.items():
+                served = encode.served_throughput(running.target, modality, inputs[modality], n)
+                enc_cfg = app_cfg.encoders[modality]
+                raw, by_batch = encode.raw_throughput(enc_cfg.name, enc_cfg.options, inputs[modality], n)
+                efficiency[modality] = {"served_items_per_s": served, "raw_items_per_s": raw,
+                                        "raw_by_batch": by_batch, "efficiency": served / raw}
+                log(f"encode {modality}: served {served:.1f}/s, raw {raw:.1f}/s -> {served / raw:.2f}")
+        finally:
+            stop()
+
+        # 2. The floor: the same Gateway and hops over no-op deployments, same load.
+        running = start(config, overrides={"server": {"port": 0}}, builder=build_floor_app)
+        try:
+            floor = load.closed_loop(running.target, [("by_user", user_requests(users), 1.0)], list(levels), duration_s)
+            _table("floor by_user", floor, log)
+        finally:
+            stop()
+
+    best, best_floor = load.peak(by_user), load.peak(floor)
+    summary.update({
+        "recommend_qps": best.qps, "recommend_p99_ms": best.p99_ms, "recommend_peak_concurrency": best.concurrency,
+        "floor_qps": best_floor.qps, "floor_p99_ms": best_floor.p99_ms,
+        "recommend_to_floor_qps": best.qps / best_floor.qps, "recommend_to_floor_p99": best.p99_ms / best_floor.p99_ms,
+        "encode_efficiency": {m: v["efficiency"] for m, v in efficiency.items()},
+        "encode": efficiency,
+        "curves": {"recommend_by_user": load.as_dicts(by_user), "recommend_mixed": load.as_dicts(mixed),
+                   "floor_by_user": load.as_dicts(floor)},
+    })
+    load.plot_curves({"recommend by user": by_user, "recommend mixed": mixed, "floor (no-op deployments)": floor},
+                     out_dir / "recommend.png", f"Recommend over {n_items:,} items vs the Serve floor")
+
+    # 3. Retrieval in isolation, both backends.
+    if retrieval_sizes:
+        from gateway.benchmarks import retrieval
+        rr = retrieval.run(sizes=retrieval_sizes, out_dir=out_dir)
+        summary["retrieval"] = rr
+        summary.update(retrieval.headline(rr))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _modality_dims(client: Client, running) -> dict[str, int]:
+    """Encoder output dims, read from the bench app's fusion info via the store schema."""
+    from ray import serve
+
+    from gateway.runtime import call_handle
+
+    info = call_handle(serve.get_deployment_handle("Retrieval", running.app_name), "info")
+    return dict(info["modality_dims"])

@@ -1,0 +1,93 @@
+"""`fusionrec bench ...`: benchmark commands; each prints a table and writes bench/results/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from tqdm import tqdm
+
+from gateway.client import Client
+from gateway.runtime import DEFAULT_CONFIG, ROOT
+
+TARGET = typer.Option("127.0.0.1:9000", "--target", "-t", help="host:port of the fusionrec gRPC service.")
+TOKEN = typer.Option("", "--token", envvar="FUSIONREC_TOKEN", help="Auth token, if the server requires one.")
+CONFIG = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve config file (deploy/*.yaml).")
+DEMO_DIR = ROOT / ".fusionrec" / "demo"
+RESULTS = typer.Option(ROOT / "bench" / "results", help="Where JSON and PNG results go.")
+
+bench_app = typer.Typer(help="Benchmarks against a running service; print a table, write bench/results/.")
+
+
+@bench_app.command("latency")
+def bench_latency(n: int = typer.Option(100, help="Sequential calls per request kind."), user: str = "user-001",
+                  target: str = TARGET, token: str = TOKEN,
+                  out_dir: Path = RESULTS) -> None:
+    """Sequential Recommend p50/p99 by user and with text/image/audio queries, and system memory."""
+    from gateway.benchmarks import latency as bench
+
+    client = Client(target, token)
+    requests = bench.request_kinds(DEMO_DIR, user)
+    with tqdm(total=n * len(requests), desc="recommend", unit="call") as bar:
+        stats = bench.sequential_latency(client, requests, n, progress=bar.update)
+    memory = bench.system_memory_mb()
+    path = bench.write_results(stats, memory, out_dir, {"target": target, "calls_per_kind": n})
+    typer.echo(f"{'kind':<12} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
+    for s in stats:
+        typer.echo(f"{s.kind:<12} {s.p50_ms:8.1f} {s.p99_ms:8.1f} {s.mean_ms:8.1f}")
+    typer.echo(f"memory: {memory['processes']} processes, PSS {memory['pss_mb']:.0f} MiB (RSS sum {memory['rss_mb']:.0f} MiB)")
+    typer.echo(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def _levels(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _bar(desc: str, total: int):
+    return tqdm(total=total, desc=desc, unit="item").update
+
+
+@bench_app.command("all")
+def bench_all(config: Path = CONFIG, items: int = typer.Option(100_000, help="Synthetic catalog size."),
+              users: int = 1000, levels: str = "1,2,4,8,16,32", duration_s: float = 8.0,
+              retrieval_sizes: str = typer.Option("10000,100000,1000000", help="Empty to skip."),
+              out_dir: Path = RESULTS) -> None:
+    """Everything, side by side in one run (what `make bench` runs): bench/results/summary.json."""
+    from gateway.benchmarks.suite import run_suite
+
+    summary = run_suite(config, out_dir, n_items=items, n_users=users, levels=tuple(_levels(levels)),
+                        duration_s=duration_s, retrieval_sizes=tuple(_levels(retrieval_sizes)),
+                        log=typer.echo, progress=_bar)
+    keys = ("cold_start_s", "recommend_qps", "recommend_p99_ms", "floor_qps", "recommend_to_floor_qps",
+            "encode_efficiency", "retrieval_recall_at_100", "retrieval_p99_ms")
+    for key in keys:
+        typer.echo(f"{key:<26} {summary.get(key)}")
+    typer.echo(f"wrote {out_dir / 'summary.json'}")
+
+
+@bench_app.command("recommend")
+def bench_recommend(levels: str = "1,2,4,8,16,32", duration_s: float = 8.0, users: int = 40,
+                    target: str = TARGET, out_dir: Path = RESULTS) -> None:
+    """Closed-loop load on the running demo service: by user and with text/image/audio queries."""
+    from gateway.benchmarks import encode, load
+    from gateway.benchmarks.suite import _table, mixed_requests
+
+    user_ids = [f"user-{u:03d}" for u in range(1, users + 1)]
+    mix = mixed_requests(user_ids, encode.sample_inputs(DEMO_DIR / "catalog.jsonl"))
+    results = load.closed_loop(target, mix, _levels(levels), duration_s, progress=lambda r: typer.echo(
+        f"  concurrency {r.concurrency}: {r.qps:.1f} req/s, p99 {r.p99_ms:.1f} ms"))
+    _table("recommend mixed", results, typer.echo)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recommend.json").write_text(json.dumps(load.as_dicts(results), indent=2))
+    load.plot_curves({"recommend mixed": results}, out_dir / "recommend_demo.png", "Recommend on the demo catalog")
+
+
+@bench_app.command("retrieval")
+def bench_retrieval(sizes: str = "10000,100000,1000000", out_dir: Path = RESULTS) -> None:
+    """Search latency and recall@100 vs exact, in-memory index vs Milvus Lite, with and without a filter."""
+    from gateway.benchmarks import retrieval
+
+    retrieval.run(sizes=tuple(_levels(sizes)), out_dir=out_dir)
+
+
