@@ -91,3 +91,40 @@ def bench_retrieval(sizes: str = "10000,100000,1000000", out_dir: Path = RESULTS
     retrieval.run(sizes=tuple(_levels(sizes)), out_dir=out_dir)
 
 
+
+
+@bench_app.command("frontdoor")
+def bench_frontdoor(config: Path = CONFIG, levels: str = "1,4,16,32", duration_s: float = 8.0,
+                    out_dir: Path = RESULTS) -> None:
+    """Serve's native gRPC proxy vs the in-replica grpc.aio front door, both over no-op deployments."""
+    import socket
+
+    from fusionrec.v1 import recommender_pb2 as pb
+    from gateway.benchmarks import load
+    from gateway.benchmarks.floor import build_floor_app
+    from gateway.benchmarks.frontdoor import start_proxied
+    from gateway.benchmarks.suite import _table
+    from gateway.runtime import start, stop
+
+    mix = [("by_user", [pb.RecommendRequest(user_id=f"u{i}", k=10) for i in range(50)], 1.0)]
+    curves = {}
+    running = start(config, overrides={"server": {"port": 0}}, builder=build_floor_app)
+    try:
+        curves["grpc.aio in the Gateway replica"] = load.closed_loop(running.target, mix, _levels(levels), duration_s)
+    finally:
+        stop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start_proxied(config, port)
+    try:
+        target = f"127.0.0.1:{port}"
+        Client(target).stub.Recommend(mix[0][1][0], timeout=60)  # proxy and routes are up
+        curves["Serve gRPC proxy"] = load.closed_loop(target, mix, _levels(levels), duration_s)
+    finally:
+        stop()
+    for name, results in curves.items():
+        _table(name, results, typer.echo)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "frontdoor.json").write_text(json.dumps({k: load.as_dicts(v) for k, v in curves.items()}, indent=2))
+    load.plot_curves(curves, out_dir / "frontdoor.png", "Front door over no-op deployments")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -103,6 +103,11 @@ class StoreConfig(_Strict):
     token: str = Field("", description="Milvus server token (user:password), if any.")
     items_collection: str = Field("items")
     interactions_collection: str = Field("interactions")
+    search_backend: Literal["memory", "milvus"] = Field(
+        "memory", description="memory: HNSW + exact filtered search in the Retrieval replica, kept in step with "
+                              "Milvus (the system of record); milvus: search Milvus itself.")
+    index_params: dict[str, int] = Field(
+        default_factory=dict, description="In-memory index knobs: m, ef_construction, ef_search, ef_max, exact_max_rows.")
 
     @property
     def is_lite(self) -> bool:

@@ -119,7 +119,8 @@ class RetrievalDeployment:
                                   encoder_versions=versions, model_version=fusion_info["version"])
         self.store = await asyncio.to_thread(
             MilvusStore, cfg.uri, self.schema, items_collection=cfg.items_collection,
-            interactions_collection=cfg.interactions_collection, token=cfg.token)
+            interactions_collection=cfg.interactions_collection, token=cfg.token,
+            search_backend=cfg.search_backend, index_params=cfg.index_params)
         self._lock = threading.Lock()  # one client call at a time: Milvus Lite is single-threaded
 
     def info(self) -> dict[str, Any]:
@@ -149,9 +150,9 @@ class RetrievalDeployment:
     def fused_vectors(self, item_ids: list[str]) -> tuple[list[str], np.ndarray]:
         """Known ids among item_ids (order kept) and their (n, fused_dim) vectors."""
         with self._lock:
-            found = self.store.get(list(dict.fromkeys(item_ids)))
+            found = self.store.fused(item_ids)
         ids = [i for i in item_ids if i in found]
-        vecs = np.stack([found[i].fused for i in ids]) if ids else np.zeros((0, self.schema.fused_dim), np.float32)
+        vecs = np.stack([found[i] for i in ids]) if ids else np.zeros((0, self.schema.fused_dim), np.float32)
         return ids, vecs
 
     def history_vectors(self, user_id: str, limit: int) -> tuple[list[str], np.ndarray]:
@@ -166,7 +167,7 @@ class RetrievalDeployment:
 
     def record_interactions(self, events: list[InteractionEvent]) -> int:
         with self._lock:
-            known = self.store.get(sorted({e.item_id for e in events}))
+            known = self.store.fused(sorted({e.item_id for e in events}))
             missing = sorted({e.item_id for e in events} - set(known))
             if missing:
                 raise NotFound(f"interactions name unknown items {missing[:10]}; upsert them first "

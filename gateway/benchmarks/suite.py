@@ -78,7 +78,10 @@ def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int 
             for modality, n in encode_items.items():
                 served = encode.served_throughput(running.target, modality, inputs[modality], n)
                 enc_cfg = app_cfg.encoders[modality]
-                raw, by_batch = encode.raw_throughput(enc_cfg.name, enc_cfg.options, inputs[modality], n)
+                options = dict(enc_cfg.options)
+                if getattr(app_cfg.deployments, f"{modality}_encoder").num_gpus > 0:
+                    options.setdefault("device", "cuda")  # the raw baseline runs where the replica does
+                raw, by_batch = encode.raw_throughput(enc_cfg.name, options, inputs[modality], n)
                 efficiency[modality] = {"served_items_per_s": served, "raw_items_per_s": raw,
                                         "raw_by_batch": by_batch, "efficiency": served / raw}
                 log(f"encode {modality}: served {served:.1f}/s, raw {raw:.1f}/s -> {served / raw:.2f}")

@@ -90,6 +90,11 @@ class ItemStore(ABC):
     def get(self, item_ids: list[str]) -> dict[str, StoredItem]:
         """Stored items by id (missing ids are absent from the result)."""
 
+    def fused(self, item_ids: list[str]) -> dict[str, np.ndarray]:
+        """Fused vectors by id ((fused_dim,) float32; missing ids absent). Stores with an
+        in-memory index override this to skip the round trip."""
+        return {i: item.fused for i, item in self.get(item_ids).items()}
+
     @abstractmethod
     def search(
         self,

@@ -11,6 +11,12 @@ from gateway.config import AppConfig, load_serve_file
 from gateway.runtime import DEFAULT_CONFIG
 
 
+@pytest.mark.parametrize("name", ["gpu.yaml"])
+def test_other_shipped_configs_build(name):
+    serve_file = load_serve_file(DEFAULT_CONFIG.parent / name)
+    build_app(serve_file.applications[0]["args"])
+
+
 def test_shipped_config_parses_and_builds():
     serve_file = load_serve_file(DEFAULT_CONFIG)
     cfg = serve_file.app_config()
