@@ -30,7 +30,9 @@ class WeightedBlockFusion(FusionModel):
         history_weight: float = 1.0,
         query_weight: float = 1.0,
         seed: int = 0,
+        encoder_versions: dict[str, str] | None = None,
     ) -> None:
+        # encoder_versions: accepted for the common constructor; a fixed projection fits any encoder.
         super().__init__(modality_dims)
         self.modalities = sorted(modality_dims)
         self.weights = {m: float((weights or {}).get(m, 1.0)) for m in self.modalities}

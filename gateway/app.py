@@ -22,7 +22,7 @@ from gateway.pipeline import Recommender
 from gateway.server import create_server, set_serving
 from gateway.service import RecommenderServicer
 
-log = logging.getLogger("fusionrec")
+log = logging.getLogger("ray.serve")  # lands in the replica log files
 
 
 @serve.deployment
@@ -85,9 +85,14 @@ def build_app(args: dict[str, Any]) -> Application:
             options.setdefault("device", "cuda")
         encoders[modality] = EncoderDeployment.options(**_options(dep, encoder_deployment_name(modality), True)).bind(
             modality, enc.model_copy(update={"options": options}).model_dump())
-    fusion = FusionDeployment.options(**_options(deployments.fusion, "Fusion")).bind(
-        cfg.fusion.model_dump(), encoders, cfg.precomputed_modalities)
+    fusion = FusionDeployment.options(**_options(deployments.fusion, "Fusion") | {"user_config": cfg.fusion.model_dump()}
+                                      ).bind(encoders, cfg.precomputed_modalities)
     retrieval = RetrievalDeployment.options(**_options(deployments.retrieval, "Retrieval")).bind(
         cfg.store.model_dump(), encoders, fusion, cfg.precomputed_modalities)
     return Gateway.options(**_options(deployments.gateway, "Gateway")).bind(
-        cfg.model_dump(), encoders, fusion, retrieval)
+        gateway_args(cfg), encoders, fusion, retrieval)
+
+
+def gateway_args(cfg: AppConfig) -> dict[str, Any]:
+    """Only what the Gateway uses, so that changing e.g. the fusion model does not restart it."""
+    return cfg.model_dump(include={"server", "limits"})

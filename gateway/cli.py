@@ -208,6 +208,28 @@ def status(target: str = TARGET, token: str = TOKEN, ray_address: str = typer.Op
     raise typer.Exit(0 if serving else 1)
 
 
+@app.command()
+def reload(config: Path = CONFIG, ray_address: str = typer.Option("auto", "--ray-address")) -> None:
+    """Apply an edited config to the running app; a new fusion model loads without a restart."""
+    from gateway.runtime import redeploy
+
+    typer.echo(f"applied {config} to application {redeploy(config, ray_address)}; "
+               "run `fusionrec reindex` if the fusion model changed")
+
+
+@app.command()
+def reindex(app_name: str = "fusionrec", model_version: Optional[str] = typer.Option(None, help="Default: newest loaded."),
+            ray_address: str = typer.Option("auto", "--ray-address")) -> None:
+    """Recompute every stored fused vector with the new fusion model from the stored modality vectors."""
+    from gateway.runtime import reindex as run_reindex
+
+    result = run_reindex(app_name, model_version, ray_address)
+    if result["changed"]:
+        typer.echo(f"re-indexed {result['items']} items with {result['model_version']}")
+    else:
+        typer.echo(f"store already indexed with {result['model_version']}")
+
+
 def _name(enum_or_str) -> str:
     return str(getattr(enum_or_str, "value", enum_or_str))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -16,10 +16,10 @@ from encoders.base import InvalidContent
 from encoders.registry import get_encoder
 from fusion.registry import get_fusion_model
 from gateway.config import AppConfig, EncoderConfig, FusionConfig, StoreConfig
-from gateway.errors import NotFound
+from gateway.errors import FailedPrecondition, NotFound
 from gateway.store.base import Candidate, FilterSpec, InteractionEvent, StoredItem, StoreSchema
 
-log = logging.getLogger("fusionrec")
+log = logging.getLogger("ray.serve")  # lands in the replica log files
 
 
 @serve.deployment
@@ -84,24 +84,47 @@ async def _modality_dims(encoders: dict[str, DeploymentHandle], precomputed: dic
 
 @serve.deployment
 class FusionDeployment:
-    """Item tower, user tower and score attribution of the configured fusion model."""
+    """Item tower, user tower and score attribution; models hot-swap through `user_config`.
 
-    async def __init__(self, config: dict, encoders: dict[str, DeploymentHandle], precomputed: dict[str, int]) -> None:
-        cfg = FusionConfig.model_validate(config)
-        dims, _ = await _modality_dims(encoders, precomputed)
-        self.model = get_fusion_model(cfg.name, dims, **cfg.options)
+    The model configured last is the newest; the previous one stays loaded so that requests
+    keep using the version the stored fused vectors were made with until `fusionrec reindex`
+    moves the store over. Every method takes the model version to use (default: newest).
+    """
 
-    def info(self) -> dict[str, Any]:
-        return {"version": self.model.version, "dim": self.model.dim, "modality_dims": self.model.modality_dims}
+    async def __init__(self, encoders: dict[str, DeploymentHandle], precomputed: dict[str, int]) -> None:
+        self.dims, self.encoder_versions = await _modality_dims(encoders, precomputed)
+        self.models: dict[str, Any] = {}
+        self.newest = ""
 
-    def item_vectors(self, items: list[dict[str, np.ndarray]], item_ids: list[str] | None = None) -> np.ndarray:
-        return self.model.item_vectors(items, item_ids)
+    def reconfigure(self, user_config: dict) -> None:
+        cfg = FusionConfig.model_validate(user_config)
+        model = get_fusion_model(cfg.name, self.dims, encoder_versions=self.encoder_versions, **cfg.options)
+        if model.version != self.newest:
+            self.models = {v: m for v, m in self.models.items() if v == self.newest} | {model.version: model}
+            self.newest = model.version
+            log.info("fusion model %s loaded (kept: %s)", model.version, sorted(self.models))
 
-    def user_vector(self, history: np.ndarray, query: dict[str, np.ndarray]) -> np.ndarray:
-        return self.model.user_vector(history, query)
+    def _model(self, version: str | None):
+        try:
+            return self.models[version or self.newest]
+        except KeyError:
+            raise FailedPrecondition(f"fusion model {version!r} is not loaded (loaded: {sorted(self.models)}); "
+                                     "run `fusionrec reindex` after changing the fusion model") from None
 
-    def contributions(self, user: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
-        return self.model.contributions(user, items)
+    def info(self, version: str | None = None) -> dict[str, Any]:
+        model = self._model(version)
+        return {"version": model.version, "dim": model.dim, "modality_dims": model.modality_dims,
+                "loaded": sorted(self.models)}
+
+    def item_vectors(self, items: list[dict[str, np.ndarray]], item_ids: list[str] | None = None,
+                     version: str | None = None) -> np.ndarray:
+        return self._model(version).item_vectors(items, item_ids)
+
+    def user_vector(self, history: np.ndarray, query: dict[str, np.ndarray], version: str | None = None) -> np.ndarray:
+        return self._model(version).user_vector(history, query)
+
+    def contributions(self, user: np.ndarray, items: np.ndarray, version: str | None = None) -> dict[str, np.ndarray]:
+        return self._model(version).contributions(user, items)
 
 
 @serve.deployment
@@ -110,6 +133,7 @@ class RetrievalDeployment:
 
     async def __init__(self, config: dict, encoders: dict[str, DeploymentHandle], fusion: DeploymentHandle,
                        precomputed: dict[str, int]) -> None:
+        self.fusion = fusion
         from gateway.store.milvus import MilvusStore  # pymilvus loads only in this replica
 
         cfg = StoreConfig.model_validate(config)
@@ -120,8 +144,15 @@ class RetrievalDeployment:
         self.store = await asyncio.to_thread(
             MilvusStore, cfg.uri, self.schema, items_collection=cfg.items_collection,
             interactions_collection=cfg.interactions_collection, token=cfg.token,
-            search_backend=cfg.search_backend, index_params=cfg.index_params)
+            search_backend=cfg.search_backend, index_params=cfg.index_params, accept_stored_model=True)
+        self.schema = self.store.schema
         self._lock = threading.Lock()  # one client call at a time: Milvus Lite is single-threaded
+        if self.schema.model_version != fusion_info["version"]:
+            # Stored fused vectors come from another fusion model: rebuild them from the stored
+            # modality vectors before serving (no re-encoding).
+            log.warning("store indexed with %s, fusion model is %s: re-indexing", self.schema.model_version,
+                        fusion_info["version"])
+            await self.reindex(fusion_info["version"])
 
     def info(self) -> dict[str, Any]:
         return asdict(self.schema)
@@ -161,9 +192,36 @@ class RetrievalDeployment:
             events = self.store.history(user_id, limit)
         return self.fused_vectors([e.item_id for e in events])
 
-    def search(self, query: np.ndarray, k: int, filters: list[FilterSpec], exclude_ids: set[str]) -> list[Candidate]:
+    def search(self, query: np.ndarray, k: int, filters: list[FilterSpec], exclude_ids: set[str],
+               model_version: str) -> tuple[str, list[Candidate] | None]:
+        """(model version of the stored fused vectors, top-k candidates); candidates are None
+        when `query` came from another fusion model than the stored vectors (re-indexed meanwhile)."""
         with self._lock:
-            return self.store.search(query, k, filters, exclude_ids)
+            if model_version != self.schema.model_version:
+                return self.schema.model_version, None
+            return self.schema.model_version, self.store.search(query, k, filters, exclude_ids)
+
+    async def reindex(self, version: str | None = None, batch_size: int = 1000) -> dict[str, Any]:
+        """Recompute every fused vector with fusion model `version` (default: the newest loaded)
+        from the stored modality vectors, then switch the store to it atomically."""
+        info = await self.fusion.info.remote(version)
+        if info["version"] == self.schema.model_version:
+            return {"model_version": info["version"], "items": 0, "changed": False}
+        loop = asyncio.get_running_loop()
+
+        def fused_for(batch: list[StoredItem]) -> np.ndarray:  # runs in the store's thread
+            call = self.fusion.item_vectors.remote([b.modality_vectors for b in batch], [b.item_id for b in batch],
+                                                   info["version"])
+            return asyncio.run_coroutine_threadsafe(_awaited(call), loop).result()
+
+        new_schema = replace(self.schema, fused_dim=info["dim"], model_version=info["version"])
+        n = await asyncio.to_thread(self._reindex_locked, new_schema, fused_for, batch_size)
+        self.schema = new_schema
+        return {"model_version": info["version"], "items": n, "changed": True}
+
+    def _reindex_locked(self, new_schema: StoreSchema, fn, batch_size: int) -> int:
+        with self._lock:
+            return self.store.reindex(new_schema, fn, batch_size)
 
     def record_interactions(self, events: list[InteractionEvent]) -> int:
         with self._lock:
@@ -179,6 +237,10 @@ class RetrievalDeployment:
         store = getattr(self, "store", None)
         if store is not None:
             store.close()
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
 
 
 def encoder_deployment_name(modality: str) -> str:

@@ -17,7 +17,7 @@ from gateway.config import LimitsConfig, ServerConfig
 from gateway.domain import (InteractionEvent, ItemInput, ItemView, Recommendation,
                             RecommendQuery, ScoredItem)
 from gateway.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
-from gateway.store.base import StoredItem
+from gateway.store.base import SchemaMismatch, StoredItem
 from gateway.validation import check_id, check_interactions, check_items, check_recommend
 
 BYO_VERSION = "byo"
@@ -59,9 +59,9 @@ class Recommender:
         infos = await asyncio.gather(*(h.info.remote() for h in self.encoders.values()))
         self.encoder_versions = {m: info["version"] for m, info in zip(self.encoders, infos)}
         store_info = await self.retrieval.info.remote()
-        fusion_info = await self.fusion.info.remote()
         self.modality_dims = dict(store_info["modality_dims"])
-        self.model_version = fusion_info["version"]
+        # The store's fused vectors decide which fusion model scores requests (see `fusionrec reindex`).
+        self.model_version = store_info["model_version"]
 
     # ---- Recommend ----
 
@@ -84,13 +84,22 @@ class Recommender:
                                        + "; ".join(f"{m}: {why}" for m, why in dropped.items()))
             raise NotFound(f"user {q.user_id!r} has no recorded interactions and the request carries "
                            "no usable history or query content; send history_item_ids or query content")
-        user = await self.fusion.user_vector.remote(history, query)
-        stages.mark("user_vector")
-        self._check_deadline(deadline, "retrieval")
-        exclude = set(q.exclude_item_ids) | (set() if q.include_seen else set(history_ids))
-        candidates = await self.retrieval.search.remote(user, q.k, q.filters, exclude)
-        stages.mark("retrieval")
-        items = await self._rank(user, candidates)
+        for attempt in (1, 2):
+            version = self.model_version
+            user = await self.fusion.user_vector.remote(history, query, version)
+            stages.mark("user_vector")
+            self._check_deadline(deadline, "retrieval")
+            exclude = set(q.exclude_item_ids) | (set() if q.include_seen else set(history_ids))
+            stored_version, candidates = await self.retrieval.search.remote(user, q.k, q.filters, exclude, version)
+            stages.mark("retrieval")
+            if candidates is not None:
+                break
+            if attempt == 2:
+                raise Unavailable("the store is being re-indexed with a new fusion model; retry")
+            # The store was re-indexed with another fusion model meanwhile: follow it, once.
+            await self.load()
+            history_ids, history = await self._history(q)
+        items = await self._rank(user, candidates, version)
         stages.mark("rank")
         return Recommendation(
             items=items, request_id=uuid.uuid4().hex,
@@ -124,11 +133,11 @@ class Recommender:
         except Exception as err:  # an encoder failure degrades the answer, never fails it
             return None, f"encoder error: {type(err).__name__}"
 
-    async def _rank(self, user: np.ndarray, candidates: list) -> list[ScoredItem]:
+    async def _rank(self, user: np.ndarray, candidates: list, version: str) -> list[ScoredItem]:
         if not candidates:
             return []
         fused = np.stack([c.fused for c in candidates])
-        parts = await self.fusion.contributions.remote(user, fused)
+        parts = await self.fusion.contributions.remote(user, fused, version)
         scores = fused @ user
         order = np.argsort(-scores, kind="stable")
         return [ScoredItem(item_id=candidates[i].item_id, score=float(scores[i]),
@@ -164,11 +173,19 @@ class Recommender:
                     raise InvalidArgument(f"items[{i}] ({items[i].item_id!r}) content.{m}: {result.reason}")
                 vectors[i][m] = result
                 versions[i][m] = self.encoder_versions[m]
-        fused = await self.fusion.item_vectors.remote(vectors, [item.item_id for item in items])
-        stored = [StoredItem(item_id=item.item_id, attributes=item.attributes, modality_vectors=vectors[i],
-                             fused=fused[i], encoder_versions=versions[i], model_version=self.model_version)
-                  for i, item in enumerate(items)]
-        return await self.retrieval.upsert.remote(stored)
+        for attempt in (1, 2):
+            version = self.model_version
+            fused = await self.fusion.item_vectors.remote(vectors, [item.item_id for item in items], version)
+            stored = [StoredItem(item_id=item.item_id, attributes=item.attributes, modality_vectors=vectors[i],
+                                 fused=fused[i], encoder_versions=versions[i], model_version=version)
+                      for i, item in enumerate(items)]
+            try:
+                return await self.retrieval.upsert.remote(stored)
+            except SchemaMismatch:
+                if attempt == 2:
+                    raise
+                await self.load()  # re-indexed meanwhile: fuse again with the store's model
+        raise AssertionError("unreachable")
 
     def _vector_versions(self, items: list[ItemInput]) -> list[dict[str, str]]:
         """Versions of bring-your-own vectors; refuses vectors from another encoder than ours."""

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "deploy" / "local.yaml"
@@ -41,30 +46,102 @@ def start(config_path: str | Path = DEFAULT_CONFIG, ray_address: str | None = No
           builder: Callable[[dict[str, Any]], Any] | None = None) -> Running:
     """Connect to (or start) Ray, deploy the app, and wait until health is SERVING.
 
-    overrides: merged into the app's `args` (e.g. {"server": {"port": 0}, "store": {"uri": ...}}).
-    builder: the app builder (default gateway.app.build_app; benchmarks pass their own).
+    overrides: merged into the app's `args` (e.g. {"server": {"port": 0}, "store": {"uri": ...}});
+        a "fusion" key replaces the Fusion deployment's `user_config` (the fusion model).
+    builder: deploy `builder(args)` imperatively instead (benchmarks' no-op apps); without it the
+        config goes through Serve's declarative path, as `serve run deploy/local.yaml` would, so
+        that a later `redeploy` with a new fusion model reconfigures Fusion in place.
     """
     import ray
     from ray import serve
 
-    from gateway.app import build_app
     from gateway.config import load_serve_file
 
     t0 = time.monotonic()
     for key, value in RUNTIME_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     serve_file = load_serve_file(config_path)
-    args = _merge(serve_file.applications[0].get("args") or {}, overrides or {})
     if not ray.is_initialized():
         ray.init(address=ray_address, num_cpus=None if ray_address else num_cpus,
                  include_dashboard=False, log_to_driver=False, namespace="fusionrec")
-    serve.start(proxy_location=serve_file.proxy_location, http_options=serve_file.http_options or None,
-                logging_config=serve_file.logging_config or None)
-    handle = serve.run((builder or build_app)(args), name=serve_file.app_name, route_prefix=None,
-                       logging_config=serve_file.logging_config or None)
+    if builder is None:
+        _deploy_config(render_config(config_path, overrides))
+        handle = serve.get_app_handle(serve_file.app_name)
+    else:
+        args = _merge(serve_file.applications[0].get("args") or {}, overrides or {})
+        serve.start(proxy_location=serve_file.proxy_location, http_options=serve_file.http_options or None,
+                    logging_config=serve_file.logging_config or None)
+        handle = serve.run(builder(args), name=serve_file.app_name, route_prefix=None,
+                           logging_config=serve_file.logging_config or None)
     info = call_handle(handle, "ready", timeout_s=600)
     return Running(app_name=serve_file.app_name, host=info["host"], port=info["port"],
                    startup_s=time.monotonic() - t0, info=info)
+
+
+def render_config(config_path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Serve config file with overrides applied (see `start`), as a dict."""
+    with open(config_path) as fh:
+        config = yaml.safe_load(fh)
+    overrides = dict(overrides or {})
+    fusion = overrides.pop("fusion", None)
+    app = config["applications"][0]
+    app["args"] = _merge(app.get("args") or {}, overrides)
+    if fusion is not None:
+        deployments = [d for d in app.get("deployments", []) if d.get("name") != "Fusion"]
+        app["deployments"] = deployments + [{"name": "Fusion", "user_config": fusion}]
+    return config
+
+
+def _deploy_config(config: dict[str, Any], timeout_s: float = 900) -> None:
+    """Submit a Serve config through Serve's own CLI (`serve run --non-blocking`) to the running
+    cluster and wait until the application is RUNNING."""
+    import ray
+    from ray import serve
+
+    app_name = config["applications"][0].get("name", "fusionrec")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        yaml.safe_dump(config, fh)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        serve_cli = Path(sys.executable).with_name("serve")
+        done = subprocess.run([str(serve_cli), "run", "--address", address, "--non-blocking", fh.name],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"serve run failed ({done.returncode}): {done.stderr[-2000:]}")
+    finally:
+        os.unlink(fh.name)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(app_name)
+        state = str(getattr(status, "status", "")).rsplit(".", 1)[-1] if status else ""
+        if state == "RUNNING":
+            return
+        if state in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise RuntimeError(f"application {app_name} is {state}: {status.message}")
+        time.sleep(1)
+    raise TimeoutError(f"application {app_name} not RUNNING after {timeout_s:.0f} s")
+
+
+def redeploy(config_path: str | Path, ray_address: str = "auto", overrides: dict[str, Any] | None = None) -> str:
+    """Apply an edited config to the running app. Serve restarts only deployments whose code or
+    options changed; a new fusion model (the Fusion `user_config`) loads in place. Returns the app name."""
+    import ray
+
+    config = render_config(config_path, overrides)
+    if not ray.is_initialized():
+        ray.init(address=ray_address, log_to_driver=False, namespace="fusionrec", logging_level="ERROR")
+    _deploy_config(config)
+    return config["applications"][0].get("name", "fusionrec")
+
+
+def reindex(app_name: str = "fusionrec", version: str | None = None, ray_address: str = "auto") -> dict[str, Any]:
+    """Rebuild the store's fused vectors with the newest (or the given) loaded fusion model."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address, log_to_driver=False, namespace="fusionrec", logging_level="ERROR")
+    return call_handle(serve.get_deployment_handle("Retrieval", app_name), "reindex", version, timeout_s=3600)
 
 
 def stop(app_name: str | None = None) -> None:

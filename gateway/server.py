@@ -15,7 +15,8 @@ from fusionrec.v1 import recommender_pb2_grpc as pb_grpc
 from gateway.config import ServerConfig
 from gateway.errors import to_status
 
-log = logging.getLogger("fusionrec.gateway")
+# Serve routes "ray.serve" records into the replica log files (logs/serve/replica_*.log).
+log = logging.getLogger("ray.serve")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 # Probes and discovery stay open so orchestrators and grpcurl work without a token.

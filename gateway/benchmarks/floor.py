@@ -9,7 +9,7 @@ import numpy as np
 from ray import serve
 from ray.serve import Application
 
-from gateway.app import Gateway, _options
+from gateway.app import Gateway, _options, gateway_args
 from gateway.config import AppConfig
 from gateway.deployments import encoder_deployment_name
 from gateway.store.base import Candidate, StoreSchema
@@ -43,10 +43,10 @@ class NoopFusion:
     def info(self) -> dict[str, Any]:
         return {"version": "noop@1", "dim": self.vec.size, "modality_dims": ENCODER_DIMS}
 
-    def user_vector(self, history: np.ndarray, query: dict) -> np.ndarray:
+    def user_vector(self, history: np.ndarray, query: dict, version: str | None = None) -> np.ndarray:
         return self.vec
 
-    def contributions(self, user: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
+    def contributions(self, user: np.ndarray, items: np.ndarray, version: str | None = None) -> dict[str, np.ndarray]:
         return {m: np.zeros(len(items), np.float32) for m in ENCODER_DIMS}
 
 
@@ -73,8 +73,8 @@ class NoopRetrieval:
     def fused_vectors(self, item_ids: list[str]):
         return self.history
 
-    def search(self, query, k, filters, exclude_ids) -> list[Candidate]:
-        return self.candidates[:k]
+    def search(self, query, k, filters, exclude_ids, model_version) -> tuple[str, list[Candidate]]:
+        return self.schema.model_version, self.candidates[:k]
 
 
 def build_floor_app(args: dict[str, Any], fused_dim: int = 768) -> Application:
@@ -85,4 +85,4 @@ def build_floor_app(args: dict[str, Any], fused_dim: int = 768) -> Application:
                 for m in cfg.encoders}
     fusion = NoopFusion.options(**_options(deps.fusion, "Fusion")).bind(fused_dim)
     retrieval = NoopRetrieval.options(**_options(deps.retrieval, "Retrieval")).bind(fused_dim, cfg.limits.max_k)
-    return Gateway.options(**_options(deps.gateway, "Gateway")).bind(cfg.model_dump(), encoders, fusion, retrieval)
+    return Gateway.options(**_options(deps.gateway, "Gateway")).bind(gateway_args(cfg), encoders, fusion, retrieval)

@@ -13,7 +13,7 @@ from ray.serve import Application
 
 from fusionrec.v1 import recommender_pb2 as pb
 from gateway import convert
-from gateway.app import _options
+from gateway.app import _options, gateway_args
 from gateway.benchmarks.floor import NoopEncoder, NoopFusion, NoopRetrieval
 from gateway.config import AppConfig
 from gateway.deployments import encoder_deployment_name
@@ -47,7 +47,7 @@ def build_proxied_floor_app(args: dict[str, Any], fused_dim: int = 768) -> Appli
                 for m in cfg.encoders}
     fusion = NoopFusion.options(**_options(deps.fusion, "Fusion")).bind(fused_dim)
     retrieval = NoopRetrieval.options(**_options(deps.retrieval, "Retrieval")).bind(fused_dim, cfg.limits.max_k)
-    return ProxiedGateway.options(**_options(deps.gateway, "Gateway")).bind(cfg.model_dump(), encoders, fusion, retrieval)
+    return ProxiedGateway.options(**_options(deps.gateway, "Gateway")).bind(gateway_args(cfg), encoders, fusion, retrieval)
 
 
 def start_proxied(config_path, port: int, proxy_num_cpus_note: str = "") -> None:

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import threading
+from dataclasses import replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -120,8 +121,12 @@ class MilvusStore(ItemStore):
         flush_every_rows: int | None = None,
         search_backend: str = "memory",
         index_params: dict[str, Any] | None = None,
+        accept_stored_model: bool = False,
     ) -> None:
         validate_schema(schema)
+        # True: when only the fused space (model version / fused dim) differs from `schema`,
+        # open with the stored one instead of raising, so the caller can re-index.
+        self._accept_stored_model = accept_stored_model
         for name in (items_collection, interactions_collection):
             if not isinstance(name, str) or _COLLECTION_RE.fullmatch(name) is None:
                 raise ValueError(f"invalid collection name {name!r}")
@@ -322,6 +327,9 @@ class MilvusStore(ItemStore):
                     f"unreadable stored schema ({e}). Use another items_collection name or "
                     f"drop and re-ingest."
                 ) from e
+            if self._accept_stored_model and not modality_differences(stored, self.schema):
+                # Only the fused space differs: open as stored; the owner re-indexes (see reindex).
+                self.schema = replace(self.schema, fused_dim=stored.fused_dim, model_version=stored.model_version)
             diffs = schema_differences(stored, self.schema)
             if diffs:
                 raise SchemaMismatch(

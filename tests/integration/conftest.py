@@ -58,7 +58,9 @@ def service(tmp_path_factory):
     trace = HealthTrace(f"127.0.0.1:{port}")
     trace.start()
     db = tmp_path_factory.mktemp("milvus") / "items.db"
-    running = start(DEFAULT_CONFIG, overrides={"server": {"port": port}, "store": {"uri": str(db)}}, num_cpus=2)
+    overrides = {"server": {"port": port}, "store": {"uri": str(db)}}
+    running = start(DEFAULT_CONFIG, overrides=overrides, num_cpus=2)
+    running.overrides = overrides
     trace.join(timeout=60)
     running.health_trace = trace.seen
     running.db_path = db

@@ -203,3 +203,24 @@ def test_a_modality_that_misses_the_deadline_is_dropped_not_fatal(client, loaded
         assert "deadline" in reply.modalities_dropped[0].reason
         assert reply.modalities_used == ["history"] and len(reply.items) == 3
     assert client.stub.Recommend(pb.RecommendRequest(user_id=user, k=3)).items
+
+
+def test_new_fusion_model_hot_swaps_then_reindex_moves_the_store(service, client, loaded):
+    """Runs last: swaps the fusion model of the shared service (no restart), then re-indexes."""
+    from gateway.runtime import DEFAULT_CONFIG, redeploy, reindex
+
+    item_id = "item-0002"
+    image = (loaded["dir"] / loaded["items"][item_id]["image"]).read_bytes()
+    query = pb.RecommendRequest(query=pb.Content(image=image), k=3)
+    before = client.stub.Recommend(query)
+    new_model = {"name": "weighted-v0", "options": {"block_dim": 128, "weights": {"text": 1, "image": 2, "audio": 1}}}
+    redeploy(DEFAULT_CONFIG, overrides={**service.overrides, "fusion": new_model})
+    # Loaded, but requests keep the model the stored vectors were made with until re-indexed.
+    assert client.stub.Recommend(query).model_version == before.model_version
+    result = reindex()
+    assert result["changed"] and result["items"] >= 30 and result["model_version"] != before.model_version
+    after = client.stub.Recommend(query)
+    assert after.model_version == result["model_version"]
+    assert after.items[0].item_id == item_id
+    assert client.stub.GetItem(pb.GetItemRequest(item_id=item_id)).model_version == result["model_version"]
+    assert client.serving()
