@@ -119,8 +119,9 @@ def bench_frontdoor(config: Path = CONFIG, levels: str = "1,4,16,32", duration_s
     start_proxied(config, port)
     try:
         target = f"127.0.0.1:{port}"
-        Client(target).stub.Recommend(mix[0][1][0], timeout=60)  # proxy and routes are up
-        curves["Serve gRPC proxy"] = load.closed_loop(target, mix, _levels(levels), duration_s)
+        app_metadata = (("application", "fusionrec"),)  # the proxy routes by this key
+        Client(target).stub.Recommend(mix[0][1][0], timeout=60, metadata=app_metadata)
+        curves["Serve gRPC proxy"] = load.closed_loop(target, mix, _levels(levels), duration_s, metadata=app_metadata)
     finally:
         stop()
     for name, results in curves.items():

@@ -66,5 +66,6 @@ def start_proxied(config_path, port: int, proxy_num_cpus_note: str = "") -> None
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1"},
                 grpc_options={"port": port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
                 logging_config=serve_file.logging_config or None)
+    # Only applications with a route prefix are reachable through the proxy.
     serve.run(build_proxied_floor_app(serve_file.applications[0].get("args") or {}), name="fusionrec",
-              route_prefix=None, logging_config=serve_file.logging_config or None)
+              route_prefix="/", logging_config=serve_file.logging_config or None)

@@ -30,7 +30,7 @@ class LevelResult:
 
 
 async def _run_level(target: str, mix: list[tuple[str, list[pb.RecommendRequest], float]], concurrency: int,
-                     duration_s: float, timeout_s: float, seed: int) -> LevelResult:
+                     duration_s: float, timeout_s: float, seed: int, metadata: tuple = ()) -> LevelResult:
     kinds = [k for k, _, _ in mix]
     weights = [w for _, _, w in mix]
     requests = {k: r for k, r, _ in mix}
@@ -47,7 +47,7 @@ async def _run_level(target: str, mix: list[tuple[str, list[pb.RecommendRequest]
                 kind = rng.choices(kinds, weights)[0]
                 t0 = time.perf_counter()
                 try:
-                    await stub.Recommend(rng.choice(requests[kind]), timeout=timeout_s)
+                    await stub.Recommend(rng.choice(requests[kind]), timeout=timeout_s, metadata=metadata)
                     latencies[kind].append((time.perf_counter() - t0) * 1000)
                 except grpc.aio.AioRpcError as err:
                     errors[err.code().name] += 1
@@ -66,15 +66,15 @@ async def _run_level(target: str, mix: list[tuple[str, list[pb.RecommendRequest]
 
 def closed_loop(target: str, mix: list[tuple[str, list[pb.RecommendRequest], float]], levels: list[int],
                 duration_s: float, timeout_s: float = 5.0, warmup_s: float = 3.0,
-                progress: Callable[[LevelResult], None] | None = None) -> list[LevelResult]:
+                progress: Callable[[LevelResult], None] | None = None, metadata: tuple = ()) -> list[LevelResult]:
     """Run each concurrency level in turn (after a short warm-up) and return one result per level.
 
     mix: (kind, requests, weight) triples; callers draw a kind by weight, then one of its requests.
     """
-    asyncio.run(_run_level(target, mix, max(levels), warmup_s, timeout_s, seed=0))
+    asyncio.run(_run_level(target, mix, max(levels), warmup_s, timeout_s, seed=0, metadata=metadata))
     results = []
     for level in levels:
-        result = asyncio.run(_run_level(target, mix, level, duration_s, timeout_s, seed=level))
+        result = asyncio.run(_run_level(target, mix, level, duration_s, timeout_s, seed=level, metadata=metadata))
         results.append(result)
         if progress:
             progress(result)
