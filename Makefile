@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run serve test test-unit test-integration proto proto-check clean
+.PHONY: install run serve test test-unit test-integration proto proto-check clean eval bench bench-gpu
 
 install: $(STAMP)
 
@@ -36,5 +36,17 @@ test-unit: install
 test-integration: install
 	$(PY) -m pytest -q tests/integration
 
+# The whole performance harness in one run (~20 min): bench/results/summary.json + PNGs.
+bench: install
+	$(VENV)/bin/fusionrec bench all
+
+# Encoders on CUDA with fractional GPUs (deploy/gpu.yaml), same ratios; needs a GPU machine.
+bench-gpu: install
+	$(VENV)/bin/fusionrec bench all --config deploy/gpu.yaml --retrieval-sizes ""
+
 clean:
 	rm -rf .fusionrec
+
+# Trains every variant on lfm2k (3 seeds for the full model) and writes reports/quality/lfm2k.{json,md,png}.
+eval: install
+	$(VENV)/bin/fusionrec evaluate --dataset lfm2k

@@ -9,6 +9,7 @@ from fusion.base import FusionModel
 
 FUSION_MODELS: dict[str, str] = {
     "weighted-v0": "fusion.weighted:WeightedBlockFusion",
+    "trained": "fusion.trained:TrainedFusion",
 }
 
 

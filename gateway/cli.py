@@ -251,8 +251,11 @@ def _print_deployments(ray_address: str, app_name: str) -> None:
 
 
 from gateway.cli_bench import bench_app  # noqa: E402  (commands register on import)
+from gateway.cli_quality import evaluate, train  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
+app.command()(train)
+app.command()(evaluate)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from encoders.registry import get_encoder
 from fusion.registry import get_fusion_model
 from gateway.config import AppConfig, EncoderConfig, FusionConfig, StoreConfig
 from gateway.errors import FailedPrecondition, NotFound
-from gateway.store.base import Candidate, FilterSpec, InteractionEvent, StoredItem, StoreSchema
+from gateway.domain import Ranked, RecommendQuery
+from gateway.store.base import InteractionEvent, StoredItem, StoreSchema
 
 log = logging.getLogger("ray.serve")  # lands in the replica log files
 
@@ -111,6 +112,10 @@ class FusionDeployment:
             raise FailedPrecondition(f"fusion model {version!r} is not loaded (loaded: {sorted(self.models)}); "
                                      "run `fusionrec reindex` after changing the fusion model") from None
 
+    def model(self, version: str | None = None):
+        """A copy of the model (plain Python object) for replicas that score next to the data."""
+        return self._model(version)
+
     def info(self, version: str | None = None) -> dict[str, Any]:
         model = self._model(version)
         return {"version": model.version, "dim": model.dim, "modality_dims": model.modality_dims,
@@ -146,7 +151,8 @@ class RetrievalDeployment:
             interactions_collection=cfg.interactions_collection, token=cfg.token,
             search_backend=cfg.search_backend, index_params=cfg.index_params, accept_stored_model=True)
         self.schema = self.store.schema
-        self._lock = threading.Lock()  # one client call at a time: Milvus Lite is single-threaded
+        self._lock = threading.RLock()  # one client call at a time: Milvus Lite is single-threaded
+        self._models: dict[str, Any] = {}
         if self.schema.model_version != fusion_info["version"]:
             # Stored fused vectors come from another fusion model: rebuild them from the stored
             # modality vectors before serving (no re-encoding).
@@ -192,14 +198,39 @@ class RetrievalDeployment:
             events = self.store.history(user_id, limit)
         return self.fused_vectors([e.item_id for e in events])
 
-    def search(self, query: np.ndarray, k: int, filters: list[FilterSpec], exclude_ids: set[str],
-               model_version: str) -> tuple[str, list[Candidate] | None]:
-        """(model version of the stored fused vectors, top-k candidates); candidates are None
-        when `query` came from another fusion model than the stored vectors (re-indexed meanwhile)."""
+    async def recommend(self, q: RecommendQuery, query: dict[str, np.ndarray], model_version: str,
+                        history_limit: int) -> Ranked | None:
+        """History -> user vector -> search -> attribution, next to the data: one hop per request.
+
+        The fusion model is a copy pulled from the Fusion deployment (which owns loading and
+        hot-swapping). Returns None when `model_version` is not the one the stored vectors were
+        made with (the store was re-indexed meanwhile); the caller refreshes and retries.
+        """
+        if model_version != self.schema.model_version:
+            return None
+        model = await self._scoring_model(model_version)
         with self._lock:
-            if model_version != self.schema.model_version:
-                return self.schema.model_version, None
-            return self.schema.model_version, self.store.search(query, k, filters, exclude_ids)
+            if q.history_item_ids:
+                history_ids, history = self.fused_vectors(q.history_item_ids)
+            elif q.user_id:
+                history_ids, history = self.history_vectors(q.user_id, history_limit)
+            else:
+                history_ids, history = [], np.zeros((0, model.dim), np.float32)
+            if not len(history) and not query:
+                raise NotFound(f"user {q.user_id!r} has no recorded interactions and the request carries "
+                               "no usable history or query content; send history_item_ids or query content")
+            user = model.user_vector(history, query)
+            exclude = set(q.exclude_item_ids) | (set() if q.include_seen else set(history_ids))
+            candidates = self.store.search(user, q.k, q.filters, exclude)
+        if not candidates:
+            return Ranked([], [], {}, bool(len(history)))
+        fused = np.stack([c.fused for c in candidates])
+        return Ranked(candidates, (fused @ user).tolist(), model.contributions(user, fused), bool(len(history)))
+
+    async def _scoring_model(self, version: str):
+        if version not in self._models:
+            self._models = {version: await self.fusion.model.remote(version)}  # keep only the live one
+        return self._models[version]
 
     async def reindex(self, version: str | None = None, batch_size: int = 1000) -> dict[str, Any]:
         """Recompute every fused vector with fusion model `version` (default: the newest loaded)

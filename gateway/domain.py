@@ -52,6 +52,16 @@ class Recommendation:
 
 
 @dataclass
+class Ranked:
+    """Retrieval's answer: candidates best first, their scores and per-part contributions ((n,) each)."""
+
+    candidates: list
+    scores: list[float]
+    contributions: dict[str, np.ndarray]
+    used_history: bool
+
+
+@dataclass
 class ItemInput:
     """An item to upsert: content to encode and/or precomputed vectors ((dim,) float32)."""
 
@@ -72,4 +82,4 @@ class ItemView:
 
 
 __all__ = ["FilterSpec", "InteractionEvent", "QueryContent", "RecommendQuery", "ScoredItem",
-           "Recommendation", "ItemInput", "ItemView"]
+           "Recommendation", "Ranked", "ItemInput", "ItemView"]

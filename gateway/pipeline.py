@@ -69,51 +69,37 @@ class Recommender:
         """deadline: absolute time.monotonic() by which the answer must be sent."""
         check_recommend(q, self.limits)
         stages = _Stages()
-        encodes = {m: asyncio.ensure_future(self._encode_query(m, c, deadline))
-                   for m, c in q.query.by_modality.items()}
-        try:
-            history_ids, history = await self._history(q)
-        finally:
-            results = {m: await task for m, task in encodes.items()}
-        stages.mark("history_and_encode")
+        results = await asyncio.gather(*(self._encode_query(m, c, deadline) for m, c in q.query.by_modality.items()))
+        results = dict(zip(q.query.by_modality, results))
         query = {m: vec for m, (vec, _) in results.items() if vec is not None}
         dropped = {m: why for m, (vec, why) in results.items() if vec is None}
-        if not len(history) and not query:
+        if q.query.by_modality:
+            stages.mark("encode")
+        self._check_deadline(deadline, "retrieval")
+        try:
+            ranked = await self.retrieval.recommend.remote(q, query, self.model_version, self.limits.max_history)
+            if ranked is None:  # re-indexed with another fusion model meanwhile: follow it, once
+                await self.load()
+                ranked = await self.retrieval.recommend.remote(q, query, self.model_version, self.limits.max_history)
+        except NotFound:
             if dropped:
                 raise DeadlineExceeded("no query modality could be encoded in time: "
-                                       + "; ".join(f"{m}: {why}" for m, why in dropped.items()))
-            raise NotFound(f"user {q.user_id!r} has no recorded interactions and the request carries "
-                           "no usable history or query content; send history_item_ids or query content")
-        for attempt in (1, 2):
-            version = self.model_version
-            user = await self.fusion.user_vector.remote(history, query, version)
-            stages.mark("user_vector")
-            self._check_deadline(deadline, "retrieval")
-            exclude = set(q.exclude_item_ids) | (set() if q.include_seen else set(history_ids))
-            stored_version, candidates = await self.retrieval.search.remote(user, q.k, q.filters, exclude, version)
-            stages.mark("retrieval")
-            if candidates is not None:
-                break
-            if attempt == 2:
-                raise Unavailable("the store is being re-indexed with a new fusion model; retry")
-            # The store was re-indexed with another fusion model meanwhile: follow it, once.
-            await self.load()
-            history_ids, history = await self._history(q)
-        items = await self._rank(user, candidates, version)
-        stages.mark("rank")
+                                       + "; ".join(f"{m}: {why}" for m, why in dropped.items())) from None
+            raise
+        if ranked is None:
+            raise Unavailable("the store is being re-indexed with a new fusion model; retry")
+        stages.mark("retrieve_and_rank")
+        items = [ScoredItem(item_id=c.item_id, score=float(score),
+                            contributions={m: float(v[i]) for m, v in ranked.contributions.items()},
+                            attributes=c.attributes)
+                 for i, (c, score) in enumerate(zip(ranked.candidates, ranked.scores))]
+        items.sort(key=lambda it: -it.score)
         return Recommendation(
             items=items, request_id=uuid.uuid4().hex,
-            modalities_used=(["history"] if len(history) else []) + sorted(query),
+            modalities_used=(["history"] if ranked.used_history else []) + sorted(query),
             modalities_dropped=dropped, model_version=self.model_version,
             encoder_versions=dict(self.encoder_versions),
             timings_ms=stages.ms if q.debug_timings else {})
-
-    async def _history(self, q: RecommendQuery) -> tuple[list[str], np.ndarray]:
-        if q.history_item_ids:
-            return await self.retrieval.fused_vectors.remote(q.history_item_ids)
-        if q.user_id:
-            return await self.retrieval.history_vectors.remote(q.user_id, self.limits.max_history)
-        return [], np.zeros((0, 0), dtype=np.float32)
 
     async def _encode_query(self, modality: str, content: Any, deadline: float) -> tuple[np.ndarray | None, str]:
         """One query modality: (vector, "") or (None, why it was dropped)."""
@@ -132,17 +118,6 @@ class Recommender:
             raise InvalidArgument(f"query.{modality}: {err.reason}") from None
         except Exception as err:  # an encoder failure degrades the answer, never fails it
             return None, f"encoder error: {type(err).__name__}"
-
-    async def _rank(self, user: np.ndarray, candidates: list, version: str) -> list[ScoredItem]:
-        if not candidates:
-            return []
-        fused = np.stack([c.fused for c in candidates])
-        parts = await self.fusion.contributions.remote(user, fused, version)
-        scores = fused @ user
-        order = np.argsort(-scores, kind="stable")
-        return [ScoredItem(item_id=candidates[i].item_id, score=float(scores[i]),
-                           contributions={m: float(v[i]) for m, v in parts.items()},
-                           attributes=candidates[i].attributes) for i in order]
 
     @staticmethod
     def _check_deadline(deadline: float, stage: str) -> None:

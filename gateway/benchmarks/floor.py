@@ -12,6 +12,7 @@ from ray.serve import Application
 from gateway.app import Gateway, _options, gateway_args
 from gateway.config import AppConfig
 from gateway.deployments import encoder_deployment_name
+from gateway.domain import Ranked
 from gateway.store.base import Candidate, StoreSchema
 
 ENCODER_DIMS = {"text": 384, "image": 1280, "audio": 174}
@@ -43,12 +44,6 @@ class NoopFusion:
     def info(self) -> dict[str, Any]:
         return {"version": "noop@1", "dim": self.vec.size, "modality_dims": ENCODER_DIMS}
 
-    def user_vector(self, history: np.ndarray, query: dict, version: str | None = None) -> np.ndarray:
-        return self.vec
-
-    def contributions(self, user: np.ndarray, items: np.ndarray, version: str | None = None) -> dict[str, np.ndarray]:
-        return {m: np.zeros(len(items), np.float32) for m in ENCODER_DIMS}
-
 
 @serve.deployment
 class NoopRetrieval:
@@ -60,21 +55,17 @@ class NoopRetrieval:
         self.candidates = [Candidate(item_id=f"item-{i:06d}", score=0.0, fused=vecs[i],
                                      attributes={"category": "cat", "mood": "calm", "year": 2001.0, "price": 9.5,
                                                  "explicit": False}) for i in range(max_k)]
-        self.history = ([c.item_id for c in self.candidates[:20]], vecs[:20])
         self.schema = StoreSchema(modality_dims=ENCODER_DIMS, fused_dim=dim,
                                   encoder_versions={m: "noop@1" for m in ENCODER_DIMS}, model_version="noop@1")
 
     def info(self) -> dict[str, Any]:
         return asdict(self.schema)
 
-    def history_vectors(self, user_id: str, limit: int):
-        return self.history
-
-    def fused_vectors(self, item_ids: list[str]):
-        return self.history
-
-    def search(self, query, k, filters, exclude_ids, model_version) -> tuple[str, list[Candidate]]:
-        return self.schema.model_version, self.candidates[:k]
+    def recommend(self, q, query: dict, model_version: str, history_limit: int) -> Ranked:
+        """The same answer shape as RetrievalDeployment.recommend, with no work."""
+        chosen = self.candidates[:q.k]
+        zeros = np.zeros(len(chosen), np.float32)
+        return Ranked(chosen, zeros.tolist(), {m: zeros for m in ENCODER_DIMS}, True)
 
 
 def build_floor_app(args: dict[str, Any], fused_dim: int = 768) -> Application:

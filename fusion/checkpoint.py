@@ -1,0 +1,79 @@
+"""Versioned checkpoints of trained fusion nets: weights, frozen graph residuals, encoder provenance."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusion.data import InteractionData
+from fusion.variants import FusionNet, TrainConfig, VariantConfig
+
+FORMAT_VERSION = 1
+DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / ".fusionrec" / "checkpoints"
+
+
+@torch.no_grad()
+def export_payload(net: FusionNet, data: InteractionData, variant_name: str, variant: VariantConfig,
+                   cfg: TrainConfig, seed: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Everything serving needs, as plain tensors/containers (loadable with ``weights_only=True``).
+
+    The graph smoothing is frozen here: per known item, ``residual = propagated - own blocks``
+    (n_known, dim), so serving adds it to the item's content/id blocks and new items get none.
+    """
+    net.eval()
+    known = net.known.nonzero().squeeze(1)
+    own = net.item_blocks(train=False)
+    residual = (net.propagate(own) - own).reshape(net.n_items, -1)[known] if net.graph is not None else None
+    mods = list(net.item_tower.modalities)
+    return {
+        "format_version": FORMAT_VERSION,
+        "dataset": data.name,
+        "variant": variant_name,
+        "variant_config": variant.to_dict(),
+        "train_config": cfg.to_dict(),
+        "seed": seed,
+        "modalities": {m: {"dim": int(data.features[m].shape[1]), "version": data.encoder_versions[m]}
+                       for m in mods},
+        "parts": list(net.item_tower.parts),
+        "block_dim": cfg.block_dim,
+        "normalize": bool(cfg.normalize),
+        "hidden": cfg.hidden,
+        "item_ids": [str(int(i)) for i in known.tolist()],
+        "id_rows": known.clone(),  # id-table row of each entry of item_ids
+        "n_id_rows": net.n_items if net.item_tower.id_emb is not None else 0,
+        "graph_residual": residual,
+        "item_tower": net.item_tower.state_dict(),
+        "user_tower": net.user_tower.state_dict(),
+        "metrics": metrics,
+    }
+
+
+def save_checkpoint(payload: dict[str, Any], directory: Path = DEFAULT_CHECKPOINT_DIR) -> Path:
+    """Write ``<dataset>-<variant>-<hash>.pt`` (+ ``.json`` metrics next to it); returns the .pt path."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    blob = buf.getvalue()
+    digest = hashlib.sha256(blob).hexdigest()[:12]
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{payload['dataset']}-{payload['variant']}-{digest}.pt"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(blob)
+    tmp.replace(path)
+    meta = {k: payload[k] for k in ("dataset", "variant", "variant_config", "train_config", "seed", "modalities",
+                                   "parts", "metrics")}
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
+    """(payload, short sha256 of the file)."""
+    blob = Path(path).read_bytes()
+    payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format {payload.get('format_version')}, expected {FORMAT_VERSION}")
+    return payload, hashlib.sha256(blob).hexdigest()[:12]
