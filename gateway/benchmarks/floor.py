@@ -68,12 +68,15 @@ class NoopRetrieval:
         return Ranked(chosen, zeros.tolist(), {m: zeros for m in ENCODER_DIMS}, True)
 
 
-def build_floor_app(args: dict[str, Any], fused_dim: int = 768) -> Application:
-    """Same deployments, names, resources and hops as gateway.app.build_app, with no work inside."""
+def build_floor_app(args: dict[str, Any], fused_dim: int = 768, ingress: Any = Gateway) -> Application:
+    """Same deployments, names, resources and hops as gateway.app.build_app, with no work inside.
+
+    ingress: the ingress deployment class (the frontdoor benchmark swaps in Serve's proxy path).
+    """
     cfg = AppConfig.model_validate(args)
     deps = cfg.deployments
     encoders = {m: NoopEncoder.options(**_options(getattr(deps, f"{m}_encoder"), encoder_deployment_name(m))).bind(m)
                 for m in cfg.encoders}
     fusion = NoopFusion.options(**_options(deps.fusion, "Fusion")).bind(fused_dim)
     retrieval = NoopRetrieval.options(**_options(deps.retrieval, "Retrieval")).bind(fused_dim, cfg.limits.max_k)
-    return Gateway.options(**_options(deps.gateway, "Gateway")).bind(gateway_args(cfg), encoders, fusion, retrieval)
+    return ingress.options(**_options(deps.gateway, "Gateway")).bind(gateway_args(cfg), encoders, fusion, retrieval)

@@ -13,10 +13,8 @@ from ray.serve import Application
 
 from fusionrec.v1 import recommender_pb2 as pb
 from gateway import convert
-from gateway.app import _options, gateway_args
-from gateway.benchmarks.floor import NoopEncoder, NoopFusion, NoopRetrieval
+from gateway.benchmarks.floor import build_floor_app
 from gateway.config import AppConfig
-from gateway.deployments import encoder_deployment_name
 from gateway.pipeline import Recommender
 
 SERVICER_FUNCTION = "fusionrec.v1.recommender_pb2_grpc.add_RecommenderServicer_to_server"
@@ -40,14 +38,8 @@ class ProxiedGateway:
         return convert.recommendation_to_pb(rec)
 
 
-def build_proxied_floor_app(args: dict[str, Any], fused_dim: int = 768) -> Application:
-    cfg = AppConfig.model_validate(args)
-    deps = cfg.deployments
-    encoders = {m: NoopEncoder.options(**_options(getattr(deps, f"{m}_encoder"), encoder_deployment_name(m))).bind(m)
-                for m in cfg.encoders}
-    fusion = NoopFusion.options(**_options(deps.fusion, "Fusion")).bind(fused_dim)
-    retrieval = NoopRetrieval.options(**_options(deps.retrieval, "Retrieval")).bind(fused_dim, cfg.limits.max_k)
-    return ProxiedGateway.options(**_options(deps.gateway, "Gateway")).bind(gateway_args(cfg), encoders, fusion, retrieval)
+def build_proxied_floor_app(args: dict[str, Any]) -> Application:
+    return build_floor_app(args, ingress=ProxiedGateway)
 
 
 def start_proxied(config_path, port: int, proxy_num_cpus_note: str = "") -> None:

@@ -224,3 +224,47 @@ def test_new_fusion_model_hot_swaps_then_reindex_moves_the_store(service, client
     assert after.items[0].item_id == item_id
     assert client.stub.GetItem(pb.GetItemRequest(item_id=item_id)).model_version == result["model_version"]
     assert client.serving()
+
+
+def test_a_trained_checkpoint_serves_recommend_with_its_towers(service, client, loaded, tmp_path):
+    """Runs last: trains a tiny checkpoint on the stored catalog vectors, swaps it in, re-indexes."""
+    import torch
+    from ray import serve
+
+    from fusion.checkpoint import export_payload, save_checkpoint
+    from fusion.data import InteractionData
+    from fusion.training import train
+    from fusion.variants import TrainConfig, get_variant
+    from gateway.runtime import DEFAULT_CONFIG, call_handle, redeploy, reindex
+
+    names = sorted(loaded["items"])
+    stored = call_handle(serve.get_deployment_handle("Retrieval", service.app_name), "get", names)
+    names = [n for n in names if n in stored]
+    index = {n: i for i, n in enumerate(names)}
+    users = sorted({e["user_id"] for e in loaded["events"]})
+    rows = np.array([(users.index(e["user_id"]), index[e["item_id"]]) for e in loaded["events"] if e["item_id"] in index])
+    last = np.r_[rows[1:, 0] != rows[:-1, 0], True]  # each user's last event is held out
+    features = {m: np.stack([stored[n].modality_vectors[m] for n in names]) for m in ("text", "image", "audio")}
+    data = InteractionData("catalog", len(users), len(names), rows[~last], rows[last][:0], rows[last], features,
+                           dict(service.info["encoder_versions"]), "last event per user")
+    torch.set_num_threads(1)
+    cfg = TrainConfig(block_dim=16, hidden=32, epochs=3, patience=3, batch_users=8)
+    result = train(data, get_variant("full"), cfg, seed=0, progress=False)
+    payload = export_payload(result.net, data, "full", get_variant("full"), cfg, 0, {})
+    payload["item_ids"] = [names[int(i)] for i in payload["item_ids"]]  # dataset rows -> catalog ids
+    checkpoint = save_checkpoint(payload, tmp_path)
+
+    redeploy(DEFAULT_CONFIG, overrides={**service.overrides,
+                                        "fusion": {"name": "trained", "options": {"checkpoint": str(checkpoint)}}})
+    assert reindex()["model_version"].startswith("trained@")
+    user = users[0]
+    reply = client.stub.Recommend(pb.RecommendRequest(user_id=user, k=5))
+    assert reply.model_version.startswith("trained@") and len(reply.items) == 5
+    seen = {e["item_id"] for e in loaded["events"] if e["user_id"] == user}
+    assert not seen & {i.item_id for i in reply.items}
+    for item in reply.items:
+        parts = {c.modality: c.score for c in item.contributions}
+        assert "id" in parts and sum(parts.values()) == pytest.approx(item.score, abs=1e-4)
+    # New content (no id embedding) is served from its content blocks alone.
+    image = (loaded["dir"] / loaded["items"]["item-0003"]["image"]).read_bytes()
+    assert client.stub.Recommend(pb.RecommendRequest(query=pb.Content(image=image), k=3)).items
