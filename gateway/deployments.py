@@ -16,7 +16,7 @@ from encoders.base import InvalidContent
 from encoders.registry import get_encoder
 from fusion.registry import get_fusion_model
 from gateway.config import AppConfig, EncoderConfig, FusionConfig, StoreConfig
-from gateway.errors import FailedPrecondition, NotFound
+from gateway.errors import FailedPrecondition, InvalidArgument, NotFound
 from gateway.domain import Ranked, RecommendQuery
 from gateway.store.base import InteractionEvent, StoredItem, StoreSchema
 
@@ -219,7 +219,10 @@ class RetrievalDeployment:
             if not len(history) and not query:
                 raise NotFound(f"user {q.user_id!r} has no recorded interactions and the request carries "
                                "no usable history or query content; send history_item_ids or query content")
-            user = model.user_vector(history, query)
+            try:
+                user = model.user_vector(history, query)
+            except ValueError as err:  # e.g. a query only in modalities this model was not trained on
+                raise InvalidArgument(f"fusion model {model_version} cannot use this request: {err}") from None
             exclude = set(q.exclude_item_ids) | (set() if q.include_seen else set(history_ids))
             candidates = self.store.search(user, q.k, q.filters, exclude)
         if not candidates:

@@ -61,7 +61,7 @@ class NoopRetrieval:
     def info(self) -> dict[str, Any]:
         return asdict(self.schema)
 
-    def recommend(self, q, query: dict, model_version: str, history_limit: int) -> Ranked:
+    async def recommend(self, q, query: dict, model_version: str, history_limit: int) -> Ranked:
         """The same answer shape as RetrievalDeployment.recommend, with no work."""
         chosen = self.candidates[:q.k]
         zeros = np.zeros(len(chosen), np.float32)

@@ -265,6 +265,9 @@ def test_a_trained_checkpoint_serves_recommend_with_its_towers(service, client, 
     for item in reply.items:
         parts = {c.modality: c.score for c in item.contributions}
         assert "id" in parts and sum(parts.values()) == pytest.approx(item.score, abs=1e-4)
-    # New content (no id embedding) is served from its content blocks alone.
+    # A text query goes through the trained text head; this model was trained without images.
+    text = loaded["items"]["item-0003"]["text"]
+    assert client.stub.Recommend(pb.RecommendRequest(query=pb.Content(text=text), k=3)).items
     image = (loaded["dir"] / loaded["items"]["item-0003"]["image"]).read_bytes()
-    assert client.stub.Recommend(pb.RecommendRequest(query=pb.Content(image=image), k=3)).items
+    code, details = _code(client.stub.Recommend, pb.RecommendRequest(query=pb.Content(image=image), k=3))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "trained@" in details
