@@ -241,21 +241,17 @@ class RetrievalDeployment:
         info = await self.fusion.info.remote(version)
         if info["version"] == self.schema.model_version:
             return {"model_version": info["version"], "items": 0, "changed": False}
-        loop = asyncio.get_running_loop()
+        model = await self.fusion.model.remote(info["version"])
 
-        def fused_for(batch: list[StoredItem]) -> np.ndarray:  # runs in the store's thread
-            call = self.fusion.item_vectors.remote([b.modality_vectors for b in batch], [b.item_id for b in batch],
-                                                   info["version"])
-            return asyncio.run_coroutine_threadsafe(_awaited(call), loop).result()
+        def fused_for(batch: list[StoredItem]) -> np.ndarray:
+            return model.item_vectors([b.modality_vectors for b in batch], [b.item_id for b in batch])
 
         new_schema = replace(self.schema, fused_dim=info["dim"], model_version=info["version"])
-        n = await asyncio.to_thread(self._reindex_locked, new_schema, fused_for, batch_size)
+        # In a worker thread and without self._lock: searches keep reading the old vectors until
+        # the store switches; writes wait on the store's own write lock.
+        n = await asyncio.to_thread(self.store.reindex, new_schema, fused_for, batch_size)
         self.schema = new_schema
         return {"model_version": info["version"], "items": n, "changed": True}
-
-    def _reindex_locked(self, new_schema: StoreSchema, fn, batch_size: int) -> int:
-        with self._lock:
-            return self.store.reindex(new_schema, fn, batch_size)
 
     def record_interactions(self, events: list[InteractionEvent]) -> int:
         with self._lock:
@@ -271,10 +267,6 @@ class RetrievalDeployment:
         store = getattr(self, "store", None)
         if store is not None:
             store.close()
-
-
-async def _awaited(response: Any) -> Any:
-    return await response
 
 
 def encoder_deployment_name(modality: str) -> str:
