@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from gateway.config import AppConfig, DeploymentConfig
 from gateway.deployments import (EncoderDeployment, FusionDeployment, RetrievalDeployment,
-                                 encoder_deployment_name)
+                                 encoder_deployment_name, settle_heap)
 from gateway.pipeline import Recommender
 from gateway.server import create_server, set_serving
 from gateway.service import RecommenderServicer
@@ -44,6 +44,7 @@ class Gateway:
 
     async def _become_ready(self) -> None:
         await self.recommender.load()
+        settle_heap()
         await set_serving(self.health, True)
         self._ready.set()
 

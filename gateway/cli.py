@@ -235,17 +235,16 @@ def _name(enum_or_str) -> str:
 
 
 def _print_deployments(ray_address: str, app_name: str) -> None:
-    import ray
     from ray import serve
 
-    ray.init(address=ray_address, log_to_driver=False, namespace="fusionrec", logging_level="ERROR")
+    from gateway.runtime import call_handle, connect
+
+    connect(ray_address)
     app_status = serve.status().applications[app_name]
     typer.echo(f"application {app_name}: {_name(app_status.status)}")
     for name, dep in app_status.deployments.items():
         replicas = ", ".join(f"{n} {_name(state)}" for state, n in dep.replica_states.items())
         typer.echo(f"  {name:<14} {_name(dep.status):<12} replicas: {replicas}")
-    from gateway.runtime import call_handle
-
     count = call_handle(serve.get_deployment_handle("Retrieval", app_name), "count", timeout_s=30)
     typer.echo(f"items stored: {count}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 from dataclasses import asdict, replace
@@ -23,6 +24,20 @@ from gateway.store.base import InteractionEvent, StoredItem, StoreSchema
 log = logging.getLogger("ray.serve")  # lands in the replica log files
 
 
+SETTLE_EVERY_ITEMS = 20_000
+
+
+def settle_heap() -> None:
+    """Collect, then freeze everything alive (models, the store's indexes) out of the cyclic GC.
+
+    A full collection walks every tracked container: ~90 ms at 50k stored items in the Retrieval
+    replica, landing on whichever requests are in flight (p99). Frozen objects are still freed
+    by reference counting; only cycles among them would outlive the freeze.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 @serve.deployment
 class EncoderDeployment:
     """One modality encoder behind @serve.batch; a bad input fails only its own request."""
@@ -33,6 +48,7 @@ class EncoderDeployment:
         if self.encoder.modality != modality:
             raise ValueError(f"encoder {cfg.name!r} encodes {self.encoder.modality}, not {modality}")
         self.encoder.warmup()
+        settle_heap()
 
     def reconfigure(self, user_config: dict) -> None:
         self._encode_batch.set_max_batch_size(int(user_config.get("max_batch_size", 32)))
@@ -104,6 +120,7 @@ class FusionDeployment:
             self.models = {v: m for v, m in self.models.items() if v == self.newest} | {model.version: model}
             self.newest = model.version
             log.info("fusion model %s loaded (kept: %s)", model.version, sorted(self.models))
+            settle_heap()
 
     def _model(self, version: str | None):
         try:
@@ -153,12 +170,14 @@ class RetrievalDeployment:
         self.schema = self.store.schema
         self._lock = threading.RLock()  # one client call at a time: Milvus Lite is single-threaded
         self._models: dict[str, Any] = {}
+        self._unsettled = 0  # items written since the last settle_heap()
         if self.schema.model_version != fusion_info["version"]:
             # Stored fused vectors come from another fusion model: rebuild them from the stored
             # modality vectors before serving (no re-encoding).
             log.warning("store indexed with %s, fusion model is %s: re-indexing", self.schema.model_version,
                         fusion_info["version"])
             await self.reindex(fusion_info["version"])
+        settle_heap()
 
     def info(self) -> dict[str, Any]:
         return asdict(self.schema)
@@ -174,6 +193,10 @@ class RetrievalDeployment:
     def upsert(self, items: list[StoredItem]) -> int:
         with self._lock:
             self.store.upsert(items)
+            self._unsettled += len(items)
+            if self._unsettled >= SETTLE_EVERY_ITEMS:  # bulk loads: freeze what they built, amortised
+                settle_heap()
+                self._unsettled = 0
         return len(items)
 
     def delete(self, item_ids: list[str]) -> list[str]:
@@ -251,6 +274,7 @@ class RetrievalDeployment:
         # the store switches; writes wait on the store's own write lock.
         n = await asyncio.to_thread(self.store.reindex, new_schema, fused_for, batch_size)
         self.schema = new_schema
+        settle_heap()
         return {"model_version": info["version"], "items": n, "changed": True}
 
     def record_interactions(self, events: list[InteractionEvent]) -> int:

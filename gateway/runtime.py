@@ -26,6 +26,10 @@ RUNTIME_ENV_DEFAULTS = {
     # Handles route on the caller's loop, user code shares the replica loop: by_user p50 84 -> 30 ms here.
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
 }
+#: Ray's own single-machine switch (its default on macOS/Windows): the node IP becomes 127.0.0.1, so
+#: GCS, raylet, agents and every worker's gRPC server listen on loopback only. Set for a Ray this
+#: process starts and for a driver joining one (their node IPs must agree); never for other clusters.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @dataclass
@@ -60,6 +64,8 @@ def start(config_path: str | Path = DEFAULT_CONFIG, ray_address: str | None = No
     t0 = time.monotonic()
     for key, value in RUNTIME_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if ray_address is None:
+        _use_loopback()
     serve_file = load_serve_file(config_path)
     if not ray.is_initialized():
         ray.init(address=ray_address, num_cpus=None if ray_address else num_cpus,
@@ -125,23 +131,40 @@ def _deploy_config(config: dict[str, Any], timeout_s: float = 900) -> None:
 def redeploy(config_path: str | Path, ray_address: str = "auto", overrides: dict[str, Any] | None = None) -> str:
     """Apply an edited config to the running app. Serve restarts only deployments whose code or
     options changed; a new fusion model (the Fusion `user_config`) loads in place. Returns the app name."""
-    import ray
-
     config = render_config(config_path, overrides)
-    if not ray.is_initialized():
-        ray.init(address=ray_address, log_to_driver=False, namespace="fusionrec", logging_level="ERROR")
+    connect(ray_address)
     _deploy_config(config)
     return config["applications"][0].get("name", "fusionrec")
 
 
 def reindex(app_name: str = "fusionrec", version: str | None = None, ray_address: str = "auto") -> dict[str, Any]:
     """Rebuild the store's fused vectors with the newest (or the given) loaded fusion model."""
-    import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address, log_to_driver=False, namespace="fusionrec", logging_level="ERROR")
+    connect(ray_address)
     return call_handle(serve.get_deployment_handle("Retrieval", app_name), "reindex", version, timeout_s=3600)
+
+
+def connect(ray_address: str = "auto") -> None:
+    """Join the running Ray cluster (where `fusionrec serve` runs), once per process."""
+    import ray
+    from ray._private.services import find_bootstrap_address
+
+    if not ray.is_initialized():
+        address = find_bootstrap_address(None) if ray_address == "auto" else ray_address
+        if (address or "").startswith("127.0.0.1:"):
+            _use_loopback()
+        ray.init(address=ray_address, log_to_driver=False, namespace="fusionrec", logging_level="ERROR")
+
+
+def _use_loopback() -> None:
+    from ray._private import ray_constants
+
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+    # Ray read the variable when it was imported (in this process, before we got here); the
+    # processes it spawns read it from the environment.
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] not in ("0", "false", "False")
 
 
 def stop(app_name: str | None = None) -> None:

@@ -86,6 +86,16 @@ def peak(results: list[LevelResult]) -> LevelResult:
     return max(results, key=lambda r: r.qps)
 
 
+def knee(results: list[LevelResult], share: float = 0.9) -> LevelResult:
+    """The lowest concurrency that reaches `share` of the peak throughput.
+
+    On a saturated 2-core machine throughput plateaus while latency keeps growing with the queue;
+    the knee is where a deployment would cap concurrency (e.g. max_concurrent_rpcs).
+    """
+    best = peak(results).qps
+    return min((r for r in results if r.qps >= share * best), key=lambda r: r.concurrency)
+
+
 def as_dicts(results: list[LevelResult]) -> list[dict]:
     return [asdict(r) for r in results]
 

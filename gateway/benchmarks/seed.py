@@ -26,6 +26,11 @@ def clustered_vectors(n: int, dim: int, rng: np.random.Generator, clusters: np.n
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def user_ids(n_users: int) -> list[str]:
+    """The synthetic users seed_catalog records interactions for."""
+    return [f"syn-user-{u:05d}" for u in range(n_users)]
+
+
 def seed_catalog(client: Client, n_items: int, n_users: int, modality_dims: dict[str, int],
                  encoder_versions: dict[str, str], batch_size: int = 256, events_per_user: int = 20,
                  seed: int = 0, progress: Callable[[int], None] | None = None) -> list[str]:
@@ -45,7 +50,7 @@ def seed_catalog(client: Client, n_items: int, n_users: int, modality_dims: dict
         client.stub.UpsertItems(pb.UpsertItemsRequest(items=items), timeout=300, metadata=client.metadata)
         if progress:
             progress(len(items))
-    users = [f"syn-user-{u:05d}" for u in range(n_users)]
+    users = user_ids(n_users)
     events = []
     for u, user in enumerate(users):
         taste = np.flatnonzero(clusters == u % n_clusters)

@@ -55,7 +55,17 @@ def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int 
                                    n_items=64, n_users=4)
         inputs = encode.sample_inputs(catalog.catalog_path)
 
-        # 1. The real app: cold start, 100k synthetic items, load, serving efficiency, memory.
+        # 1. The floor first, on a quiet machine (its best case: the ratio to it is conservative):
+        # the same Gateway, hops and load over no-op deployments.
+        users = seed.user_ids(n_users)
+        running = start(config, overrides={"server": {"port": 0}}, builder=build_floor_app)
+        try:
+            floor = load.closed_loop(running.target, [("by_user", user_requests(users), 1.0)], list(levels), duration_s)
+            _table("floor by_user", floor, log)
+        finally:
+            stop()
+
+        # 2. The real app: cold start, 100k synthetic items, load, serving efficiency, memory.
         t0 = time.monotonic()
         running = start(config, overrides={"server": {"port": 0}, "store": {"uri": str(work / "bench.db")}})
         client = Client(running.target)
@@ -74,31 +84,16 @@ def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int 
             mixed = load.closed_loop(running.target, mixed_requests(users, inputs), list(levels), duration_s)
             _table("recommend mixed", mixed, log)
             summary["memory"] = system_memory_mb()
-            efficiency = {}
-            for modality, n in encode_items.items():
-                served = encode.served_throughput(running.target, modality, inputs[modality], n)
-                enc_cfg = app_cfg.encoders[modality]
-                options = dict(enc_cfg.options)
-                if getattr(app_cfg.deployments, f"{modality}_encoder").num_gpus > 0:
-                    options.setdefault("device", "cuda")  # the raw baseline runs where the replica does
-                raw, by_batch = encode.raw_throughput(enc_cfg.name, options, inputs[modality], n)
-                efficiency[modality] = {"served_items_per_s": served, "raw_items_per_s": raw,
-                                        "raw_by_batch": by_batch, "efficiency": served / raw}
-                log(f"encode {modality}: served {served:.1f}/s, raw {raw:.1f}/s -> {served / raw:.2f}")
+            efficiency = encode.efficiency(running.target, app_cfg, inputs, encode_items, dims,
+                                           running.info["encoder_versions"], log)
         finally:
             stop()
 
-        # 2. The floor: the same Gateway and hops over no-op deployments, same load.
-        running = start(config, overrides={"server": {"port": 0}}, builder=build_floor_app)
-        try:
-            floor = load.closed_loop(running.target, [("by_user", user_requests(users), 1.0)], list(levels), duration_s)
-            _table("floor by_user", floor, log)
-        finally:
-            stop()
-
-    best, best_floor = load.peak(by_user), load.peak(floor)
+    best, best_floor, knee = load.peak(by_user), load.peak(floor), load.knee(by_user)
     summary.update({
         "recommend_qps": best.qps, "recommend_p99_ms": best.p99_ms, "recommend_peak_concurrency": best.concurrency,
+        "recommend_knee": {"concurrency": knee.concurrency, "qps": knee.qps, "p99_ms": knee.p99_ms,
+                           "definition": "lowest concurrency reaching 90% of peak throughput"},
         "floor_qps": best_floor.qps, "floor_p99_ms": best_floor.p99_ms,
         "recommend_to_floor_qps": best.qps / best_floor.qps, "recommend_to_floor_p99": best.p99_ms / best_floor.p99_ms,
         "encode_efficiency": {m: v["efficiency"] for m, v in efficiency.items()},
@@ -108,6 +103,7 @@ def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int 
     })
     load.plot_curves({"recommend by user": by_user, "recommend mixed": mixed, "floor (no-op deployments)": floor},
                      out_dir / "recommend.png", f"Recommend over {n_items:,} items vs the Serve floor")
+    encode.plot(efficiency, out_dir / "encode.png")
 
     # 3. Retrieval in isolation, both backends.
     if retrieval_sizes:

@@ -6,6 +6,7 @@ import collections
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -31,6 +32,31 @@ def test_health_turns_serving_only_after_models_load(service, client):
     assert service.health_trace[-1] == "SERVING"
     assert service.health_trace.count("SERVING") == 1
     assert set(service.info["encoder_versions"]) == {"text", "image", "audio"}
+
+
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def test_everything_started_listens_on_loopback_only(service):
+    """Ray (GCS, raylet, agents, workers) and the gRPC front door listen on loopback only.
+
+    The one exception is not configurable: each Serve replica's inter-deployment gRPC server binds
+    "[::]:0" (ray/serve/_private/replica.py, Ray 2.60): one such port per replica, nothing else.
+    """
+    started = psutil.Process().children(recursive=True)
+    assert any("raylet" in p.name() for p in started)  # this process did start Ray
+    listening = []
+    for proc in started:
+        try:
+            listening += [(proc.pid, proc.name(), c.laddr) for c in proc.net_connections("inet")
+                          if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:  # e.g. a worker that exited meanwhile
+            continue
+    assert any(addr.port == service.port and addr.ip in LOOPBACK for _, _, addr in listening)
+    exposed = [(pid, name, f"{addr.ip}:{addr.port}") for pid, name, addr in listening if addr.ip not in LOOPBACK]
+    serve_internal = [e for e in exposed if e[1].startswith("ray::ServeReplica") and e[2].startswith(":::")]
+    assert len({pid for pid, _, _ in serve_internal}) == len(serve_internal), serve_internal  # one per replica
+    assert [e for e in exposed if e not in serve_internal] == [], f"listening beyond loopback: {exposed}"
 
 
 def test_reflection_lists_the_service(service):
