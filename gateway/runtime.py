@@ -148,11 +148,11 @@ def reindex(app_name: str = "fusionrec", version: str | None = None, ray_address
 def connect(ray_address: str = "auto") -> None:
     """Join the running Ray cluster (where `fusionrec serve` runs), once per process."""
     import ray
-    from ray._private.services import find_bootstrap_address
+    from ray._private.services import get_ray_address_from_environment
 
     if not ray.is_initialized():
-        address = find_bootstrap_address(None) if ray_address == "auto" else ray_address
-        if (address or "").startswith("127.0.0.1:"):
+        # Resolved the way ray.init resolves it; a cluster on loopback needs a driver on loopback.
+        if get_ray_address_from_environment(ray_address, None).startswith("127.0.0.1:"):
             _use_loopback()
         ray.init(address=ray_address, log_to_driver=False, namespace="fusionrec", logging_level="ERROR")
 

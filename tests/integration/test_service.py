@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import collections
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -297,3 +300,13 @@ def test_a_trained_checkpoint_serves_recommend_with_its_towers(service, client, 
     image = (loaded["dir"] / loaded["items"]["item-0003"]["image"]).read_bytes()
     code, details = _code(client.stub.Recommend, pb.RecommendRequest(query=pb.Content(image=image), k=3))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "trained@" in details
+
+
+def test_status_command_from_another_process(service):
+    """`fusionrec status` joins the running (loopback) Ray cluster: exit 0 while SERVING."""
+    fusionrec = Path(sys.executable).with_name("fusionrec")
+    done = subprocess.run([str(fusionrec), "status", "--target", service.target], capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"health {service.target}: SERVING" in done.stdout
+    assert "Retrieval" in done.stdout and "items stored:" in done.stdout
