@@ -48,11 +48,12 @@ class DeploymentConfig(_Strict):
 
     num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per replica; fractional, since 2 cores must hold the whole app.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractional allowed).")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
-    upscale_delay_s: float = Field(1.0, ge=0)
-    downscale_delay_s: float = Field(5.0, ge=0)
+    min_replicas: int = Field(1, ge=0, description="Autoscaling floor (equal to max_replicas: fixed count, no autoscaling).")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling ceiling.")
+    target_ongoing_requests: float = Field(
+        2.0, gt=0, description="Autoscaling target per replica; batching encoders want it high enough for batches to form.")
+    upscale_delay_s: float = Field(1.0, ge=0, description="How long demand must stay above target before adding a replica.")
+    downscale_delay_s: float = Field(5.0, ge=0, description="How long demand must stay below target before removing one.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica takes at once (batches form from these).")
     max_batch_size: int = Field(32, ge=1, description="@serve.batch size (encoders only).")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch wait (encoders only).")
