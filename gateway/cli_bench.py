@@ -88,16 +88,9 @@ def bench_floor(config: Path = CONFIG, levels: str = "1,2,4,8,16,32", duration_s
                 out_dir: Path = RESULTS) -> None:
     """The framework's floor: the same Gateway, hops and load over no-op deployments (starts its own app)."""
     from gateway.benchmarks import load, seed
-    from gateway.benchmarks.floor import build_floor_app
-    from gateway.benchmarks.suite import _table, user_requests
-    from gateway.runtime import start, stop
+    from gateway.benchmarks.suite import _table, run_floor
 
-    requests = user_requests(seed.user_ids(users))
-    running = start(config, overrides={"server": {"port": 0}}, builder=build_floor_app)
-    try:
-        results = load.closed_loop(running.target, [("by_user", requests, 1.0)], _levels(levels), duration_s)
-    finally:
-        stop()
+    results = run_floor(config, seed.user_ids(users), tuple(_levels(levels)), duration_s)
     _table("floor by_user", results, typer.echo)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "floor.json").write_text(json.dumps(load.as_dicts(results), indent=2))
@@ -111,15 +104,15 @@ def bench_encode(config: Path = CONFIG, target: str = TARGET, text: int = 512, i
 
     Writes items under ids `enc-*`, `byo-*` and `warm*` into the running service's store.
     """
-    from ray import serve
-
     from gateway.benchmarks import encode
+    from gateway.benchmarks.suite import retrieval_info
     from gateway.config import load_serve_file
-    from gateway.runtime import call_handle, connect
+    from gateway.runtime import connect
 
-    app_cfg = load_serve_file(config).app_config()
+    serve_file = load_serve_file(config)
+    app_cfg = serve_file.app_config()
     connect()
-    info = call_handle(serve.get_deployment_handle("Retrieval", load_serve_file(config).app_name), "info")
+    info = retrieval_info(serve_file.app_name)
     inputs = encode.sample_inputs(DEMO_DIR / "catalog.jsonl")
     result = encode.efficiency(target, app_cfg, inputs, {"text": text, "image": image, "audio": audio},
                                info["modality_dims"], info["encoder_versions"], typer.echo)

@@ -176,8 +176,9 @@ class RetrievalDeployment:
             # modality vectors before serving (no re-encoding).
             log.warning("store indexed with %s, fusion model is %s: re-indexing", self.schema.model_version,
                         fusion_info["version"])
-            await self.reindex(fusion_info["version"])
-        settle_heap()
+            await self.reindex(fusion_info["version"])  # settles the heap itself
+        else:
+            settle_heap()
 
     def info(self) -> dict[str, Any]:
         return asdict(self.schema)

@@ -41,6 +41,15 @@ def _table(name: str, results: list[load.LevelResult], log: Log) -> None:
         log(f"{'':{len(name)}}  {r.concurrency:5d} {r.qps:8.1f} {r.p50_ms:8.1f} {r.p95_ms:8.1f} {r.p99_ms:8.1f}  {r.errors or ''}")
 
 
+def run_floor(config: Path, users: list[str], levels: tuple[int, ...], duration_s: float) -> list[load.LevelResult]:
+    """By-user load on the floor app (the same Gateway and hops over no-op deployments), started and stopped here."""
+    running = start(config, overrides={"server": {"port": 0}}, builder=build_floor_app)
+    try:
+        return load.closed_loop(running.target, [("by_user", user_requests(users), 1.0)], list(levels), duration_s)
+    finally:
+        stop()
+
+
 def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int = 1000,
               levels: tuple[int, ...] = (1, 2, 4, 8, 16, 32), duration_s: float = 8.0,
               encode_items: dict[str, int] | None = None, retrieval_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
@@ -57,13 +66,8 @@ def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int 
 
         # 1. The floor first, on a quiet machine (its best case: the ratio to it is conservative):
         # the same Gateway, hops and load over no-op deployments.
-        users = seed.user_ids(n_users)
-        running = start(config, overrides={"server": {"port": 0}}, builder=build_floor_app)
-        try:
-            floor = load.closed_loop(running.target, [("by_user", user_requests(users), 1.0)], list(levels), duration_s)
-            _table("floor by_user", floor, log)
-        finally:
-            stop()
+        floor = run_floor(config, seed.user_ids(n_users), levels, duration_s)
+        _table("floor by_user", floor, log)
 
         # 2. The real app: cold start, 100k synthetic items, load, serving efficiency, memory.
         t0 = time.monotonic()
@@ -75,7 +79,7 @@ def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int 
         log(f"cold start (Ray + models + first answer): {summary['cold_start_s']:.1f} s")
         try:
             t1 = time.monotonic()
-            dims = {m: d for m, d in _modality_dims(client, running).items()}
+            dims = dict(retrieval_info(running.app_name)["modality_dims"])
             users = seed.seed_catalog(client, n_items, n_users, dims, running.info["encoder_versions"],
                                       progress=progress("seed items", n_items) if progress else None)
             summary["seed_items_per_s"] = n_items / (time.monotonic() - t1)
@@ -115,11 +119,10 @@ def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int 
     return summary
 
 
-def _modality_dims(client: Client, running) -> dict[str, int]:
-    """Encoder output dims, read from the bench app's fusion info via the store schema."""
+def retrieval_info(app_name: str) -> dict:
+    """The running app's store schema (modality dims, encoder versions, model version)."""
     from ray import serve
 
     from gateway.runtime import call_handle
 
-    info = call_handle(serve.get_deployment_handle("Retrieval", running.app_name), "info")
-    return dict(info["modality_dims"])
+    return call_handle(serve.get_deployment_handle("Retrieval", app_name), "info")
