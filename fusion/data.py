@@ -10,8 +10,8 @@ from typing import Callable
 
 import numpy as np
 
-#: ../shared/data next to the repository (never copied into it: research-only terms).
-DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+from fusion.shared import shared_path
+
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / ".fusionrec" / "cache"
 TEXT_ENCODER = "minilm-l6-v2"
 
@@ -88,10 +88,10 @@ def _read_tsv(path: Path) -> list[list[str]]:
     return rows[1:]  # drop header
 
 
-def load_lfm2k(data_root: Path = DEFAULT_DATA_ROOT, cache_dir: Path = DEFAULT_CACHE_DIR) -> InteractionData:
+def load_lfm2k(data_root: Path | None = None, cache_dir: Path = DEFAULT_CACHE_DIR) -> InteractionData:
     """Last.fm-2K artists with MMRec's split (x_label 0/1/2), text = tags through our encoder,
     audio = the shipped vggish/whisper vectors (bring-your-own path)."""
-    root = Path(data_root) / "lfm2k"
+    root = Path(data_root) / "lfm2k" if data_root else shared_path("data", "lfm2k")
     inter = np.asarray([[int(c) for c in r[:4]] for r in _read_tsv(root / "lfm2k.inter")], dtype=np.int64)
     og = np.asarray([[int(c) for c in r[:4]] for r in _read_tsv(root / "lfm2k_og_ids.inter")], dtype=np.int64)
     if len(og) != len(inter) or not np.array_equal(og[:, 3], inter[:, 3]):
@@ -140,10 +140,10 @@ def chronological_split(rows: np.ndarray, n_users: int, fractions: tuple[float, 
     return tuple(np.concatenate(p).astype(np.int64) for p in parts)  # type: ignore[return-value]
 
 
-def load_ml100k(data_root: Path = DEFAULT_DATA_ROOT, cache_dir: Path = DEFAULT_CACHE_DIR) -> InteractionData:
+def load_ml100k(data_root: Path | None = None, cache_dir: Path = DEFAULT_CACHE_DIR) -> InteractionData:
     """MovieLens-100K, every rating as an implicit interaction, per-user chronological 80/10/10;
     text = "title (year). genres" through our encoder; no audio."""
-    root = Path(data_root) / "ml-100k"
+    root = Path(data_root) / "ml-100k" if data_root else shared_path("data", "ml-100k")
     raw = np.asarray([[int(r[0]), int(r[1]), int(float(r[3]))] for r in _read_tsv(root / "ml-100k.inter")],
                      dtype=np.int64)
     items = {int(r[0]): r for r in _read_tsv(root / "ml-100k.item")}
@@ -174,4 +174,4 @@ def load_dataset(name: str, data_root: Path | None = None, cache_dir: Path | Non
         loader = LOADERS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(LOADERS)}") from None
-    return loader(Path(data_root or DEFAULT_DATA_ROOT), Path(cache_dir or DEFAULT_CACHE_DIR))
+    return loader(data_root, Path(cache_dir or DEFAULT_CACHE_DIR))

@@ -13,6 +13,7 @@ import grpc
 import typer
 from tqdm import tqdm
 
+from fusion.shared import shared_path
 from fusionrec.v1 import recommender_pb2 as pb
 from gateway.client import Client, catalog_batches, interaction_to_pb, read_jsonl
 from gateway.convert import value_to_pb
@@ -25,7 +26,6 @@ TOKEN = typer.Option("", "--token", envvar="FUSIONREC_TOKEN", help="Auth token, 
 CONFIG = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Serve config file (deploy/*.yaml).")
 RAY_ADDRESS = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (default: start a local one).")
 DEMO_DIR = ROOT / ".fusionrec" / "demo"
-MEDIA_DIR = ROOT.parent / "shared" / "media"
 
 
 def _start(config: Path, ray_address: Optional[str]):
@@ -57,12 +57,18 @@ def serve(config: Path = CONFIG, ray_address: Optional[str] = RAY_ADDRESS) -> No
 
 @app.command()
 def demo(config: Path = CONFIG, ray_address: Optional[str] = RAY_ADDRESS, items: int = 240, users: int = 40,
-         media_dir: Path = typer.Option(MEDIA_DIR, help="Sample photos the catalog is made from."),
+         media_dir: Optional[Path] = typer.Option(None, help="Sample photos the catalog is made from "
+                                                    "(default: media/ under $FUSIONREC_SHARED_DIR or ../shared)."),
          exit_after_load: bool = typer.Option(False, help="Stop after loading instead of serving on.")) -> None:
     """Serve, load the deterministic sample catalog and users, print how to call it, serve on."""
     from gateway.sample_catalog import generate_catalog
 
     t0 = time.monotonic()
+    try:
+        media_dir = media_dir or shared_path("media")
+    except FileNotFoundError as err:  # a setup problem, not a bug: say it without a traceback
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     with tqdm(total=items, desc="generate catalog", unit="item") as bar:
         files = generate_catalog(DEMO_DIR, media_dir, n_items=items, n_users=users, progress=bar.update)
     running = _start(config, ray_address)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from fusion.shared import shared_dir
+
+SHARED = shared_dir()
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from fusion.shared import shared_path
 from fusionrec.v1 import recommender_pb2 as pb
 from gateway.benchmarks import encode, load, seed
 from gateway.benchmarks.floor import build_floor_app
@@ -60,7 +61,7 @@ def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int 
     summary: dict = {"date": time.strftime("%Y-%m-%d"), "config": str(config), "n_items": n_items}
     with tempfile.TemporaryDirectory(prefix="fusionrec-bench-") as tmp:
         work = Path(tmp)
-        catalog = generate_catalog(work / "catalog", Path(__file__).resolve().parents[3] / "shared" / "media",
+        catalog = generate_catalog(work / "catalog", shared_path("media"),
                                    n_items=64, n_users=4)
         inputs = encode.sample_inputs(catalog.catalog_path)
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from grpc_health.v1 import health_pb2
 
+from fusion.shared import shared_dir
 from gateway.client import Client, catalog_batches, interaction_to_pb, read_jsonl
 from gateway.runtime import DEFAULT_CONFIG, start, stop
 from gateway.sample_catalog import generate_catalog
 from fusionrec.v1 import recommender_pb2 as pb
 
-MEDIA = Path(__file__).resolve().parents[3] / "shared" / "media"
+MEDIA = shared_dir() / "media"
 
 
 def _free_port() -> int:

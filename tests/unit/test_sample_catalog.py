@@ -11,9 +11,10 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from fusion.shared import shared_dir
 from gateway.sample_catalog import CATEGORIES, MOODS, SAMPLE_RATE, generate_catalog
 
-MEDIA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "media"
+MEDIA_DIR = shared_dir() / "media"
 N_ITEMS, N_USERS = 24, 5
 
 pytestmark = pytest.mark.skipif(not (MEDIA_DIR / "images").is_dir(), reason=f"sample media missing: {MEDIA_DIR}")
