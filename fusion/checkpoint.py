@@ -11,25 +11,37 @@ from typing import Any
 import torch
 
 from fusion.data import InteractionData
+from fusion.ensemble import EnsembleNet
 from fusion.variants import FusionNet, TrainConfig, VariantConfig
 
-FORMAT_VERSION = 1
+#: 2: weights under ``members`` (one entry per ensemble member; a single net is one member).
+FORMAT_VERSION = 2
 DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / ".fusionrec" / "checkpoints"
 
 
 @torch.no_grad()
-def export_payload(net: FusionNet, data: InteractionData, variant_name: str, variant: VariantConfig,
-                   cfg: TrainConfig, seed: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Everything serving needs, as plain tensors/containers (loadable with ``weights_only=True``).
-
-    The graph smoothing is frozen here: per known item, ``residual = propagated - own blocks``
-    (n_known, dim), so serving adds it to the item's content/id blocks and new items get none.
-    """
+def _member_weights(net: FusionNet) -> dict[str, Any]:
+    """One net's towers and its frozen graph smoothing: per known item, ``residual = propagated - own
+    blocks`` (n_known, dim), so serving adds it to the item's content/id blocks and new items get none."""
     net.eval()
     known = net.known.nonzero().squeeze(1)
     own = net.item_blocks(train=False)
     residual = (net.propagate(own) - own).reshape(net.n_items, -1)[known] if net.graph is not None else None
-    mods = list(net.item_tower.modalities)
+    return {"item_tower": net.item_tower.state_dict(), "user_tower": net.user_tower.state_dict(),
+            "graph_residual": residual}
+
+
+@torch.no_grad()
+def export_payload(net: FusionNet | EnsembleNet, data: InteractionData, variant_name: str, variant: VariantConfig,
+                   cfg: TrainConfig, seed: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Everything serving needs, as plain tensors/containers (loadable with ``weights_only=True``).
+
+    An ensemble's members share the data, config and known items; each keeps its own weights.
+    """
+    members = list(net.members) if isinstance(net, EnsembleNet) else [net]
+    first = members[0]
+    known = first.known.nonzero().squeeze(1)
+    mods = list(first.item_tower.modalities)
     return {
         "format_version": FORMAT_VERSION,
         "dataset": data.name,
@@ -39,16 +51,14 @@ def export_payload(net: FusionNet, data: InteractionData, variant_name: str, var
         "seed": seed,
         "modalities": {m: {"dim": int(data.features[m].shape[1]), "version": data.encoder_versions[m]}
                        for m in mods},
-        "parts": list(net.item_tower.parts),
+        "parts": list(first.item_tower.parts),
         "block_dim": cfg.block_dim,
         "normalize": bool(cfg.normalize),
         "hidden": cfg.hidden,
         "item_ids": [str(int(i)) for i in known.tolist()],
         "id_rows": known.clone(),  # id-table row of each entry of item_ids
-        "n_id_rows": net.n_items if net.item_tower.id_emb is not None else 0,
-        "graph_residual": residual,
-        "item_tower": net.item_tower.state_dict(),
-        "user_tower": net.user_tower.state_dict(),
+        "n_id_rows": first.n_items if first.item_tower.id_emb is not None else 0,
+        "members": [_member_weights(m) for m in members],
         "metrics": metrics,
     }
 
@@ -74,6 +84,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], str]:
     """(payload, short sha256 of the file)."""
     blob = Path(path).read_bytes()
     payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    if payload.get("format_version") == 1:  # one net, weights at the top level
+        payload["members"] = [{k: payload.pop(k, None) for k in ("item_tower", "user_tower", "graph_residual")}]
+        payload["format_version"] = FORMAT_VERSION
     if payload.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has format {payload.get('format_version')}, expected {FORMAT_VERSION}")
     return payload, hashlib.sha256(blob).hexdigest()[:12]

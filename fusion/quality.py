@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from fusion.data import InteractionData, load_dataset
+from fusion.ensemble import member_seed
 
 REPORT_DIR = Path(__file__).resolve().parents[1] / "reports" / "quality"
 ABLATIONS = ("id", "text", "audio", "id+text", "id+audio", "text+audio", "full")
@@ -23,6 +24,7 @@ LFM2K_PEERS = {"MostPop": (0.123, 0.076), "ItemKNN-text (content only)": (0.242,
                "BM3": (0.306, None), "FREEDOM": (0.388, 0.266), "MGCN": (0.408, 0.283), "LGMRec": (0.412, 0.289),
                "VBPR": (0.413, 0.293), "LightGCN": (0.417, 0.294)}
 COLD_FRACTION = 0.1
+ONE_NET = "full (one net)"  # ablation row: the ensemble's members alone
 
 
 def cold_split(data: InteractionData, fraction: float = COLD_FRACTION, seed: int = 0
@@ -40,7 +42,11 @@ def cold_split(data: InteractionData, fraction: float = COLD_FRACTION, seed: int
 
 
 def _job(spec: dict[str, Any]) -> dict[str, Any]:
-    """One training run (in a worker process): train, evaluate, optionally export a checkpoint."""
+    """One training run (in a worker process): train, evaluate, optionally export a checkpoint.
+
+    ``spec["member"]`` marks one net of an ensemble: it trains under its own member seed and returns
+    its weights (``state``) so the parent can assemble and evaluate the ensemble.
+    """
     import torch
 
     torch.set_num_threads(spec.get("threads", 1))
@@ -54,9 +60,11 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
         data, cold = cold_split(data)
     variant = get_variant(spec["variant"])
     cfg = train_config(variant, **spec.get("config", {}))
-    result = train(data, variant, cfg, seed=spec["seed"], progress=spec.get("progress", False),
-                   desc=f"{spec['dataset']}/{spec['variant']}/seed{spec['seed']}")
-    out: dict[str, Any] = {**{k: spec[k] for k in ("dataset", "variant", "seed")}, "best_epoch": result.best_epoch,
+    seed = spec["seed"] if "member" not in spec else member_seed(spec["seed"], spec["member"], spec["members"])
+    result = train(data, variant, cfg, seed=seed, progress=spec.get("progress", False),
+                   desc=f"{spec['dataset']}/{spec['variant']}/seed{seed}")
+    out: dict[str, Any] = {**{k: spec[k] for k in ("dataset", "variant", "seed", "member") if k in spec},
+                           "train_seed": seed, "best_epoch": result.best_epoch,
                            "valid": result.valid, "test": result.test, "train_s": round(result.train_s, 1),
                            "curve": [{"epoch": c["epoch"], "valid_recall@20": c["valid_recall@20"]}
                                      for c in result.curve]}
@@ -67,6 +75,8 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
         out["cold_items_all_ranking"] = evaluate(result.net, data, "test")
         out["cold_knn"] = evaluate(content_knn(data, "text"), data, "test", candidates=cold)
         out["n_cold"] = int(len(cold))
+    if "member" in spec:
+        out["state"] = result.net.state_dict()
     if spec.get("export") and variant.kind == "fusion":
         payload = export_payload(result.net, data, spec["variant"], variant, cfg, spec["seed"],
                                  {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch})
@@ -108,6 +118,52 @@ def run_jobs(specs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
         return list(pool.map(_job, specs))
 
 
+def member_specs(dataset: str, variant: str, seed: int, members: int, config: dict[str, Any]) -> list[dict[str, Any]]:
+    """One training job per net of the ensemble ``variant`` trains under ``seed``."""
+    return [{"dataset": dataset, "variant": variant, "seed": seed, "member": j, "members": members, "config": config}
+            for j in range(members)]
+
+
+def assemble(data: InteractionData, variant_name: str, config: dict[str, Any], member_runs: list[dict[str, Any]]):
+    """Rebuild the trained nets of ``member_runs`` (their ``state``): one net, or an EnsembleNet of several."""
+    from fusion.ensemble import EnsembleNet
+    from fusion.variants import build_net, get_variant, train_config
+
+    variant = get_variant(variant_name)
+    cfg = train_config(variant, **config)
+    nets = []
+    for run in sorted(member_runs, key=lambda r: r["member"]):
+        net = build_net(variant, data, cfg)
+        net.load_state_dict(run["state"])
+        nets.append(net.eval())
+    return nets[0] if len(nets) == 1 else EnsembleNet(nets)
+
+
+def train_ensemble(data: InteractionData, variant_name: str, seed: int, members: int, config: dict[str, Any],
+                   member_runs: list[dict[str, Any]], export: bool = False,
+                   checkpoint_dir: Path | None = None) -> dict[str, Any]:
+    """Assemble the members trained under ``seed``, evaluate valid/test, optionally write its checkpoint."""
+    from fusion.checkpoint import DEFAULT_CHECKPOINT_DIR, export_payload, save_checkpoint
+    from fusion.training import evaluate
+    from fusion.variants import get_variant, train_config
+
+    group = [r for r in member_runs if r["variant"] == variant_name and r["seed"] == seed]
+    if len(group) != members:
+        raise RuntimeError(f"{variant_name} seed {seed}: {len(group)} of {members} members trained")
+    net = assemble(data, variant_name, config, group)
+    run: dict[str, Any] = {"dataset": data.name, "variant": variant_name, "seed": seed, "members": members,
+                           "valid": evaluate(net, data, "valid"), "test": evaluate(net, data, "test"),
+                           "member_seeds": [r["train_seed"] for r in group],
+                           "train_s": round(sum(r["train_s"] for r in group), 1)}
+    if export:
+        variant = get_variant(variant_name)
+        payload = export_payload(net, data, variant_name, variant, train_config(variant, **config), seed,
+                                 {"valid": run["valid"], "test": run["test"], "members": members,
+                                  "member_seeds": run["member_seeds"]})
+        run["checkpoint"] = str(save_checkpoint(payload, checkpoint_dir or DEFAULT_CHECKPOINT_DIR))
+    return run
+
+
 def _mean_std(runs: list[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
     keys = [k for k in METRIC_KEYS if k in runs[0]]
     return ({k: float(np.mean([r[k] for r in runs])) for k in keys},
@@ -116,8 +172,12 @@ def _mean_std(runs: list[dict[str, float]]) -> tuple[dict[str, float], dict[str,
 
 def evaluate_dataset(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), ablation_seeds: tuple[int, ...] = (0,),
                      workers: int = 2, cold: bool = True, out_dir: Path = REPORT_DIR,
-                     config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The full protocol on one dataset; writes <out_dir>/<dataset>.{json,md,png} and returns the report."""
+                     config: dict[str, Any] | None = None, members: int | None = None) -> dict[str, Any]:
+    """The full protocol on one dataset; writes <out_dir>/<dataset>.{json,md,png} and returns the report.
+
+    The full model is an ensemble of ``members`` nets per seed (default: the variant's); the ablations,
+    LightGCN and the cold-item run train one net each, and "full (one net)" is the members' mean.
+    """
     from fusion.baselines import content_knn, most_popular
     from fusion.training import evaluate
     from fusion.variants import variant_modalities, get_variant
@@ -129,8 +189,8 @@ def evaluate_dataset(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), ablation_
                  or get_variant(v).use_id]
     ablations = list(dict.fromkeys(v for v in ablations
                                    if v == "full" or "audio" not in v or "vggish" in data.features))
-    specs = [{"dataset": dataset, "variant": "full", "seed": s, "export": s == seeds[0], "config": config}
-             for s in seeds]
+    members = members or get_variant("full").members
+    specs = [spec for s in seeds for spec in member_specs(dataset, "full", s, members, config)]
     # Longest runs first so the two workers finish together.
     if cold:
         specs.append({"dataset": dataset, "variant": "full", "seed": seeds[0], "cold": True, "config": config})
@@ -139,14 +199,21 @@ def evaluate_dataset(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), ablation_
               for v in ablations if v != "full" for s in ablation_seeds]
     results = run_jobs(specs, workers)
 
-    full_runs = [r for r in results if r["variant"] == "full" and "cold_items" not in r]
+    member_runs = [r for r in results if "member" in r]
+    full_runs = [train_ensemble(data, "full", s, members, config, member_runs, export=s == seeds[0]) for s in seeds]
+    for r in member_runs:
+        del r["state"]
     test_mean, test_std = _mean_std([r["test"] for r in full_runs])
     valid_mean, _ = _mean_std([r["valid"] for r in full_runs])
     ablation: dict[str, Any] = {}
     for v in ablations:
-        runs = [r["test"] for r in results if r["variant"] == v and "cold_items" not in r]
+        runs = [r["test"] for r in (full_runs if v == "full" else results)
+                if r["variant"] == v and "cold_items" not in r and "member" not in r]
         mean, std = _mean_std(runs)
         ablation[v] = {**mean, "std_recall@20": std["recall@20"], "seeds": len(runs)}
+    if members > 1:
+        mean, std = _mean_std([r["test"] for r in member_runs])
+        ablation[ONE_NET] = {**mean, "std_recall@20": std["recall@20"], "seeds": len(member_runs)}
     lightgcn = [r["test"] for r in results if r["variant"] == "lightgcn"]
     baselines = {"lightgcn (ours, per-user embeddings)": {**_mean_std(lightgcn)[0], "seeds": len(lightgcn)},
                  "mostpop": evaluate(most_popular(data), data, "test"),
@@ -156,14 +223,17 @@ def evaluate_dataset(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), ablation_
         "protocol": "full ranking over all items, the user's train items excluded; user vector = user tower "
                     "over the train history (as served); test metrics at the epoch with best valid Recall@20; "
                     f"mean ± std over seeds {list(seeds)}",
-        "model": "full (id + text + audio blocks, gated; item-item graph frozen into item vectors)",
+        "model": f"full: ensemble of {members} nets (id + text + audio blocks, gated; item-item graph frozen "
+                 "into item vectors), scored by the mean of their cosines",
+        "members": members,
         "test": {**test_mean, "std": test_std, "seeds": list(seeds)},
         "valid": valid_mean,
         "ablation": ablation, "ablation_seeds": list(ablation_seeds),
         "baselines": baselines,
-        "runs": [{k: r[k] for k in ("variant", "seed", "best_epoch", "train_s") if k in r}
-                 | {"test_recall@20": r["test"]["recall@20"], "checkpoint": r.get("checkpoint")} for r in results],
-        "checkpoint": next((r["checkpoint"] for r in results if r.get("checkpoint")), None),
+        "runs": [{k: r[k] for k in ("variant", "seed", "member", "train_seed", "best_epoch", "train_s") if k in r}
+                 | {"test_recall@20": r["test"]["recall@20"], "checkpoint": r.get("checkpoint")}
+                 for r in full_runs + results],
+        "checkpoint": next((r["checkpoint"] for r in full_runs if r.get("checkpoint")), None),
         "config": config,
     }
     if dataset == "lfm2k":
@@ -202,7 +272,7 @@ def write_report(report: dict[str, Any], results: list[dict[str, Any]], out_dir:
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2, sort_keys=True))
     t, s = report["test"], report["test"]["std"]
     lines = [f"# Quality report: {name}", "", f"Split: {report['split']}.", "", f"Protocol: {report['protocol']}.", "",
-             "## Full model (test)", "", "| metric | @10 | @20 |", "|---|---|---|"]
+             f"Model: {report['model']}.", "", "## Full model (test)", "", "| metric | @10 | @20 |", "|---|---|---|"]
     for m in ("recall", "ndcg", "precision", "coverage"):
         lines.append(f"| {m} | {_fmt(t[f'{m}@10'], s[f'{m}@10'])} | {_fmt(t[f'{m}@20'], s[f'{m}@20'])} |")
     lines += ["", "## Ours vs references (test Recall@20 / NDCG@20)", "", "| model | Recall@20 | NDCG@20 |",
@@ -222,13 +292,14 @@ def write_report(report: dict[str, Any], results: list[dict[str, Any]], out_dir:
     if "cold_items" in report:
         c = report["cold_items"]
         lines += ["", "## Cold items", "", c["protocol"] + ".", "", "| model | Recall@20 | NDCG@20 |", "|---|---|---|",
-                  f"| ours (content blocks only) | {c['recall@20']:.4f} | {c['ndcg@20']:.4f} |",
+                  f"| ours (one net, content blocks only) | {c['recall@20']:.4f} | {c['ndcg@20']:.4f} |",
                   f"| content-only ItemKNN (text) | {c['content_knn_recall@20']:.4f} | {c['content_knn_ndcg@20']:.4f} |",
                   "", f"{c['n_cold_items']} cold items, {int(c['users'])} users. Overall test Recall@20 of that run "
                   f"(all items ranked): {c['all_items_recall@20_with_cold_held_out']:.4f}."]
     if "served_check" in report:
         c = report["served_check"]
-        lines += ["", "## Served path", "", f"Seed {c['seed']} checkpoint loaded through `get_fusion_model(\"trained\")`, "
+        lines += ["", "## Served path", "", f"Seed {c['seed']} checkpoint (all {report['members']} nets) loaded through "
+                  "`get_fusion_model(\"trained\")`, "
                   "item vectors from raw modality vectors + ids, one `user_vector` call per user: test Recall@20 "
                   f"{c['served_recall@20']:.4f} / NDCG@20 {c['served_ndcg@20']:.4f} (evaluated in training: "
                   f"{c['evaluated_recall@20']:.4f} / {c['evaluated_ndcg@20']:.4f})."]
@@ -254,9 +325,9 @@ def _plot(report: dict[str, Any], results: list[dict[str, Any]], path: Path) -> 
     ax1.tick_params(axis="x", rotation=30)
     ax1.legend()
     for r in results:
-        if r["variant"] == "full" and "cold_items" not in r:
+        if r["variant"] == "full" and r.get("member") == 0:
             ax2.plot([c["epoch"] for c in r["curve"]], [c["valid_recall@20"] for c in r["curve"]],
-                     label=f"full seed {r['seed']}")
+                     label=f"full seed {r['seed']}, first net")
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("valid Recall@20")
     ax2.set_title("training curves")

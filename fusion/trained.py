@@ -5,6 +5,9 @@ and the user vector uses the same layout, so ``user @ item`` splits exactly into
 dot products (``contributions``). Checkpoints trained with ``normalize`` serve unit item rows
 (cosine); otherwise the item norm carries what the model learned about an item's overall appeal
 (the store scores by inner product either way).
+
+An ensemble checkpoint (K members) serves the members' unit vectors concatenated and scaled by
+1/sqrt(K): ``user @ item`` is then the mean of the members' cosines, exactly as evaluated.
 """
 
 from __future__ import annotations
@@ -48,17 +51,15 @@ class TrainedFusion(FusionModel):
         self.parts = list(payload["parts"])
         self.block_dim = int(payload["block_dim"])
         dims = {m: int(spec["dim"]) for m, spec in payload["modalities"].items()}
-        self.item_tower = ItemTower(dims, int(payload["n_id_rows"]), self.block_dim, hidden=int(payload["hidden"]))
-        self.item_tower.load_state_dict(payload["item_tower"])
-        self.user_tower = UserTower(self.item_tower.dim)
-        self.user_tower.load_state_dict(payload["user_tower"])
-        self.item_tower.eval()
-        self.user_tower.eval()
+        self._members = [_Member(m, dims, int(payload["n_id_rows"]), self.block_dim, int(payload["hidden"]))
+                         for m in payload["members"]]
+        self.member_dim = self._members[0].item_tower.dim
         self._row = {item_id: int(r) for item_id, r in zip(payload["item_ids"], payload["id_rows"].tolist())}
         self._slot = {item_id: k for k, item_id in enumerate(payload["item_ids"])}
-        residual = payload.get("graph_residual")
-        self._residual = None if residual is None else residual.float().numpy()
         self._normalize = bool(payload.get("normalize", False))
+        if len(self._members) > 1 and not self._normalize:
+            raise ValueError(f"checkpoint {checkpoint}: an ensemble must be trained with normalize=True")
+        self._scale = float(1.0 / np.sqrt(len(self._members)))  # K unit member vectors -> one unit vector
 
     def _check_provenance(self, payload: dict, checkpoint: str, encoder_versions: dict[str, str] | None) -> None:
         for m, spec in payload["modalities"].items():
@@ -80,19 +81,26 @@ class TrainedFusion(FusionModel):
 
     @property
     def dim(self) -> int:
-        return self.item_tower.dim
+        return self.member_dim * len(self._members)
 
-    def _block(self, part: str) -> slice:
+    @property
+    def members(self) -> int:
+        return len(self._members)
+
+    def _blocks(self, part: str) -> list[slice]:
+        """Where ``part``'s block sits in each member's slice of a served vector."""
         i = self.parts.index(part)
-        return slice(i * self.block_dim, (i + 1) * self.block_dim)
+        return [slice(k * self.member_dim + i * self.block_dim, k * self.member_dim + (i + 1) * self.block_dim)
+                for k in range(len(self._members))]
 
-    @torch.no_grad()
-    def _fuse(self, items: list[dict[str, np.ndarray]], item_ids: list[str] | None) -> np.ndarray:
-        """Content (+ id) blocks of each item -> (n, dim) float32, before graph residuals."""
+    def _inputs(self, items: list[dict[str, np.ndarray]], item_ids: list[str] | None
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        """Per item modality vectors -> (feats, present, id rows) tensors for the item towers."""
         n = len(items)
         feats, present = {}, {}
+        tower = self._members[0].item_tower
         for m in self.modalities:
-            x = np.zeros((n, self.item_tower.heads[m][1].in_features), dtype=np.float32)
+            x = np.zeros((n, tower.heads[m][1].in_features), dtype=np.float32)
             mask = np.zeros(n, dtype=bool)
             for r, item in enumerate(items):
                 if m in item:
@@ -100,9 +108,7 @@ class TrainedFusion(FusionModel):
                     mask[r] = True
             feats[m], present[m] = torch.from_numpy(x), torch.from_numpy(mask)
         rows = [self._row.get(i, -1) for i in item_ids] if item_ids is not None else [-1] * n
-        idx = torch.as_tensor(rows, dtype=torch.long)
-        blocks = self.item_tower(feats, present, idx, idx >= 0)
-        return blocks.reshape(n, -1).numpy().astype(np.float32)
+        return feats, present, torch.as_tensor(rows, dtype=torch.long)
 
     def item_vectors(self, items: list[dict[str, np.ndarray]], item_ids: list[str] | None = None) -> np.ndarray:
         """Item tower. Items whose id the checkpoint never saw get content blocks only (cold start).
@@ -124,15 +130,18 @@ class TrainedFusion(FusionModel):
         for r, item in enumerate(items):
             if not has_id[r] and not any(m in item for m in self.modalities):
                 raise ValueError(f"item {r} has none of the modalities {self.modalities} and no known id")
-        out = self._fuse(items, item_ids)
-        if self._residual is not None and item_ids is not None:
-            for r, item_id in enumerate(item_ids):
-                slot = self._slot.get(item_id)
-                if slot is not None:
-                    out[r] += self._residual[slot]
-        if self._normalize:  # trained with cosine scores: unit rows, as evaluated
-            out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
-        return out
+        inputs = self._inputs(items, item_ids)
+        slots = [self._slot.get(i) for i in item_ids] if item_ids is not None else [None] * len(items)
+        rows = [r for r, slot in enumerate(slots) if slot is not None]
+        parts = []
+        for member in self._members:
+            out = member.fuse(*inputs)
+            if member.residual is not None and rows:
+                out[rows] += member.residual[[slots[r] for r in rows]]
+            if self._normalize:  # trained with cosine scores: unit rows, as evaluated
+                out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
+            parts.append(out)
+        return (np.concatenate(parts, axis=1) * self._scale).astype(np.float32)
 
     @torch.no_grad()
     def user_vector(self, history: np.ndarray, query: dict[str, np.ndarray]) -> np.ndarray:
@@ -148,18 +157,43 @@ class TrainedFusion(FusionModel):
         if not len(history) and not usable_query:
             raise ValueError("a user vector needs history or query content in "
                              f"{self.modalities} (got query modalities {sorted(query)})")
-        hist = torch.from_numpy(history).unsqueeze(0)  # (1, h, dim)
+        inputs = self._inputs([usable_query], None) if usable_query else None
         mask = torch.ones(1, len(history), dtype=torch.bool)
-        q = torch.from_numpy(self._fuse([usable_query], None)) if usable_query else None
         if not len(history):
-            hist, mask = torch.zeros(1, 1, self.dim), torch.zeros(1, 1, dtype=torch.bool)
-        user = self.user_tower(hist, mask, q)[0].numpy()
-        return (user / max(float(np.linalg.norm(user)), 1e-12)).astype(np.float32)
+            history, mask = np.zeros((1, self.dim), np.float32), torch.zeros(1, 1, dtype=torch.bool)
+        parts = []
+        for k, member in enumerate(self._members):
+            own = history[:, k * self.member_dim:(k + 1) * self.member_dim] / self._scale  # the member's own vectors
+            q = torch.from_numpy(member.fuse(*inputs)) if inputs else None
+            user = member.user_tower(torch.from_numpy(np.ascontiguousarray(own)).unsqueeze(0), mask, q)[0].numpy()
+            parts.append(user / max(float(np.linalg.norm(user)), 1e-12))
+        return (np.concatenate(parts) * self._scale).astype(np.float32)
 
     def contributions(self, user: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
-        """Per part ("text", "vggish", ..., "id"): block dot products; they sum to ``items @ user``."""
+        """Per part ("text", "vggish", ..., "id"): block dot products summed over members; they sum to
+        ``items @ user``."""
         items = np.asarray(items, dtype=np.float32).reshape(-1, self.dim)
-        return {p: (items[:, self._block(p)] @ user[self._block(p)]).astype(np.float32) for p in self.parts}
+        return {p: sum(items[:, b] @ user[b] for b in self._blocks(p)).astype(np.float32) for p in self.parts}
+
+
+class _Member:
+    """One net of a checkpoint: its item tower, user tower and frozen graph residuals."""
+
+    def __init__(self, weights: dict, dims: dict[str, int], n_id_rows: int, block_dim: int, hidden: int) -> None:
+        self.item_tower = ItemTower(dims, n_id_rows, block_dim, hidden=hidden)
+        self.item_tower.load_state_dict(weights["item_tower"])
+        self.user_tower = UserTower(self.item_tower.dim)
+        self.user_tower.load_state_dict(weights["user_tower"])
+        self.item_tower.eval()
+        self.user_tower.eval()
+        residual = weights.get("graph_residual")
+        self.residual = None if residual is None else residual.float().numpy()
+
+    @torch.no_grad()
+    def fuse(self, feats: dict[str, torch.Tensor], present: dict[str, torch.Tensor], idx: torch.Tensor) -> np.ndarray:
+        """Content (+ id) blocks -> (n, member dim) float32, before graph residuals."""
+        blocks = self.item_tower(feats, present, idx, idx >= 0)
+        return blocks.reshape(len(idx), -1).numpy().astype(np.float32)
 
 
 __all__ = ["TrainedFusion", "ID_PART"]

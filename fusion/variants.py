@@ -29,6 +29,8 @@ class VariantConfig:
     groups: tuple[str, ...] = ("text", "audio")  # content modality groups
     use_id: bool = True
     graph: bool = False
+    #: Nets trained with different seeds and served as one (mean of their cosines; fusion.ensemble).
+    members: int = 1
     #: TrainConfig fields this variant changes (e.g. LightGCN learns per-user tables: bigger batches, higher lr).
     overrides: dict = field(default_factory=dict)
 
@@ -37,7 +39,7 @@ class VariantConfig:
 
 
 VARIANTS: dict[str, VariantConfig] = {
-    "full": VariantConfig(groups=("text", "audio"), use_id=True, graph=True),
+    "full": VariantConfig(groups=("text", "audio"), use_id=True, graph=True, members=4),
     "full-nograph": VariantConfig(groups=("text", "audio"), use_id=True, graph=False),
     "content": VariantConfig(groups=("text", "audio"), use_id=False, graph=False),
     "id": VariantConfig(groups=(), use_id=True, graph=True),

@@ -13,37 +13,35 @@ quality_app = typer.Typer(help="Offline training and evaluation of the fusion mo
 @quality_app.command()
 def train(dataset: str = typer.Option("lfm2k", help="lfm2k or ml-100k."),
           variant: str = typer.Option("full", help="Variant name (fusion.variants.VARIANTS)."),
-          seed: int = typer.Option(0, help="Random seed."),
+          seed: int = typer.Option(0, help="Random seed (an ensemble's nets train under seeds derived from it)."),
+          members: int = typer.Option(0, help="Nets in the served ensemble (0 = the variant's default)."),
           epochs: int = typer.Option(200, help="Max epochs (early stopping on valid Recall@20 usually ends sooner)."),
           patience: int = typer.Option(10, help="Epochs without a better valid Recall@20 before stopping."),
-          threads: int = typer.Option(0, help="torch threads (0 = all cores)."),
+          workers: int = typer.Option(2, help="Nets trained in parallel (one torch thread each; 1 = all cores)."),
           checkpoint_dir: Path = typer.Option(None, help="Where checkpoints go (default .fusionrec/checkpoints).")
           ) -> None:
-    """Train one variant, keep the best-on-valid epoch, write a versioned checkpoint + metrics json."""
-    import torch
-
-    from fusion.checkpoint import DEFAULT_CHECKPOINT_DIR, export_payload, save_checkpoint
+    """Train one variant (every net of its ensemble), keep each net's best-on-valid epoch, write a versioned
+    checkpoint + metrics json."""
     from fusion.data import load_dataset
-    from fusion.training import train as run_train
-    from fusion.variants import get_variant, train_config
+    from fusion.quality import member_specs, run_jobs, train_ensemble
+    from fusion.variants import get_variant
 
-    if threads:
-        torch.set_num_threads(threads)
     spec = get_variant(variant)
-    data = load_dataset(dataset)
-    cfg = train_config(spec, epochs=epochs, patience=patience)
-    result = run_train(data, spec, cfg, seed=seed, progress=True, desc=f"{dataset}/{variant}")
-    metrics = {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch}
-    typer.echo(f"best epoch {result.best_epoch}: valid Recall@20 {result.valid['recall@20']:.4f}; "
-               f"test Recall@20 {result.test['recall@20']:.4f} NDCG@20 {result.test['ndcg@20']:.4f} "
-               f"({result.train_s:.0f} s)")
+    data = load_dataset(dataset)  # builds the text cache once, before workers start
+    config = {"epochs": epochs, "patience": patience}
+    n = members or spec.members
+    runs = run_jobs([{**s, "progress": workers <= 1} for s in member_specs(dataset, variant, seed, n, config)],
+                    workers)
+    for r in runs:
+        typer.echo(f"net {r['member']} (seed {r['train_seed']}): best epoch {r['best_epoch']}, valid Recall@20 "
+                   f"{r['valid']['recall@20']:.4f}, test Recall@20 {r['test']['recall@20']:.4f} ({r['train_s']:.0f} s)")
     if spec.kind != "fusion":
         typer.echo(f"{variant} is an offline baseline (per-user embeddings): no servable checkpoint written")
-        typer.echo(json.dumps(metrics))
         return
-    path = save_checkpoint(export_payload(result.net, data, variant, spec, cfg, seed, metrics),
-                           checkpoint_dir or DEFAULT_CHECKPOINT_DIR)
-    typer.echo(f"checkpoint {path}")
+    run = train_ensemble(data, variant, seed, n, config, runs, export=True, checkpoint_dir=checkpoint_dir)
+    typer.echo(f"{variant} ({n} nets): valid Recall@20 {run['valid']['recall@20']:.4f}; test Recall@20 "
+               f"{run['test']['recall@20']:.4f} NDCG@20 {run['test']['ndcg@20']:.4f}")
+    typer.echo(f"checkpoint {run['checkpoint']}")
 
 
 @quality_app.command()
@@ -52,13 +50,15 @@ def evaluate(dataset: str = typer.Option("lfm2k", help="lfm2k or ml-100k."),
              ablation_seeds: int = typer.Option(1, help="Seeds per ablation variant."),
              workers: int = typer.Option(2, help="Training runs in parallel (one torch thread each)."),
              cold: bool = typer.Option(True, help="Also run the cold-item split."),
+             members: int = typer.Option(0, help="Nets in the full model's ensemble (0 = the variant's default)."),
              out_dir: Path = typer.Option(None, help="Report folder (default reports/quality).")) -> None:
     """Full protocol: full model over seeds, ablations, LightGCN, cold items -> <dataset>.{json,md,png}."""
     from fusion.quality import REPORT_DIR, evaluate_dataset
 
     out = out_dir or REPORT_DIR
     report = evaluate_dataset(dataset, seeds=tuple(range(seeds)), ablation_seeds=tuple(range(ablation_seeds)),
-                              workers=workers, cold=cold, out_dir=out)
+                              workers=workers, cold=cold, out_dir=out,
+                              members=members or None)
     t = report["test"]
     typer.echo(f"{dataset} test Recall@20 {t['recall@20']:.4f} ± {t['std']['recall@20']:.4f}, "
                f"NDCG@20 {t['ndcg@20']:.4f} ± {t['std']['ndcg@20']:.4f} ({report['wall_s']} s)")

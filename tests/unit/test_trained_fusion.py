@@ -6,6 +6,7 @@ import torch
 
 from fusion.checkpoint import export_payload, save_checkpoint
 from fusion.data import InteractionData
+from fusion.ensemble import EnsembleNet
 from fusion.registry import get_fusion_model
 from fusion.training import pad_histories, train
 from fusion.variants import TrainConfig, get_variant
@@ -30,8 +31,9 @@ def _synthetic(n_users: int = 40, n_items: int = 30, seed: int = 0) -> Interacti
                            "synthetic")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-net", "ensemble-of-2"])
+def trained(request, tmp_path_factory):
+    """(data, net as evaluated, checkpoint path, known items) for a single net and a 2-member ensemble."""
     torch.set_num_threads(1)
     data = _synthetic()
     cfg = TrainConfig(block_dim=8, hidden=16, epochs=3, patience=3, batch_users=16)
@@ -39,10 +41,10 @@ def trained(tmp_path_factory):
     cold = np.array([0, 1])  # cold items: every train row removed, as in the cold-item protocol
     data.train = data.train[~np.isin(data.train[:, 1], cold)]
     known = np.unique(data.train[:, 1])
-    result = train(data, variant, cfg, seed=0, progress=False)
-    path = save_checkpoint(export_payload(result.net, data, "full", variant, cfg, 0, {"test": result.test}),
-                           tmp_path_factory.mktemp("ckpt"))
-    return data, result, path, known
+    results = [train(data, variant, cfg, seed=s, progress=False) for s in range(request.param)]
+    net = results[0].net if request.param == 1 else EnsembleNet([r.net for r in results])
+    path = save_checkpoint(export_payload(net, data, "full", variant, cfg, 0, {}), tmp_path_factory.mktemp("ckpt"))
+    return data, net, path, known
 
 
 def _items(data, ids):
@@ -50,20 +52,20 @@ def _items(data, ids):
 
 
 def test_loads_through_registry_and_matches_evaluated_vectors(trained):
-    data, result, path, _ = trained
+    data, net, path, _ = trained
     model = get_fusion_model("trained", {**DIMS, "image": 1280}, checkpoint=str(path), encoder_versions=VERSIONS)
     assert model.version.startswith("trained@") and model.version.split("@")[1] in path.name
     ids = list(range(data.n_items))
     served = model.item_vectors(_items(data, ids), [str(i) for i in ids])
     with torch.no_grad():
-        evaluated, _ = result.net.item_vectors(train=False)
+        evaluated, _ = net.item_vectors(train=False)
     np.testing.assert_allclose(served, evaluated.numpy(), rtol=1e-4, atol=1e-5)
     # The online user vector ranks items exactly like the evaluated one.
     hist = data.user_items("train")[0]
     user = model.user_vector(served[hist], {})
     ids_t, mask = pad_histories([hist])
     with torch.no_grad():
-        ref = result.net.scores(torch.tensor([0]), ids_t, mask, evaluated)[0].numpy()
+        ref = net.scores(torch.tensor([0]), ids_t, mask, evaluated)[0].numpy()
     np.testing.assert_allclose(served @ user * np.linalg.norm(ref) / np.linalg.norm(served @ user), ref,
                                rtol=1e-3, atol=1e-4)
 
@@ -85,7 +87,8 @@ def test_unknown_ids_are_content_only(trained):
     content = _items(data, cold)
     by_unknown_id = model.item_vectors(content, ["never-seen"] * len(cold))
     np.testing.assert_allclose(by_unknown_id, model.item_vectors(content, None))
-    np.testing.assert_allclose(by_unknown_id[:, model._block("id")], 0.0)
+    for block in model._blocks("id"):  # one per member
+        np.testing.assert_allclose(by_unknown_id[:, block], 0.0)
     # Cold items keep their content: a single modality is enough.
     assert np.isfinite(model.item_vectors([{"text": data.features["text"][cold[0]]}], ["x"])).all()
     with pytest.raises(ValueError, match="none of the modalities"):
@@ -98,3 +101,42 @@ def test_mismatched_encoder_refuses(trained):
         get_fusion_model("trained", {"text": 384, "vggish": 6}, checkpoint=str(path))
     with pytest.raises(ValueError, match=r"vggish encoder 'vggish@synthetic'.*'vggish@other'"):
         get_fusion_model("trained", DIMS, checkpoint=str(path), encoder_versions={"vggish": "vggish@other"})
+
+
+@pytest.mark.parametrize("trained", [2], indirect=True, ids=["ensemble-of-2"])
+def test_ensemble_scores_the_mean_of_its_members(trained):
+    data, net, path, _ = trained
+    model = get_fusion_model("trained", DIMS, checkpoint=str(path))
+    assert model.members == 2 and model.dim == 2 * net.member_dim
+    ids = list(range(data.n_items))
+    items = model.item_vectors(_items(data, ids), [str(i) for i in ids])
+    np.testing.assert_allclose(np.linalg.norm(items, axis=1), 1.0, rtol=1e-5)
+    hist_t, mask = pad_histories([data.user_items("train")[3]])
+    with torch.no_grad():
+        members = [m.scores(torch.tensor([3]), hist_t, mask) for m in net.members]
+        np.testing.assert_allclose(net.scores(torch.tensor([3]), hist_t, mask), sum(members) / 2, rtol=1e-5)
+    # Served: one inner product = the mean of the members' cosines = their mean score * temperature.
+    user = model.user_vector(items[data.user_items("train")[3]], {})
+    np.testing.assert_allclose(items @ user, (sum(members) / 2)[0].numpy() * net.cfg.temperature, rtol=1e-3,
+                               atol=1e-4)
+
+
+def test_ensemble_refuses_raw_inner_product_members():
+    data = _synthetic()
+    cfg = TrainConfig(block_dim=8, hidden=16, epochs=1, patience=1, batch_users=16, normalize=False)
+    net = train(data, get_variant("full"), cfg, seed=0, progress=False).net
+    with pytest.raises(ValueError, match="normalize=True"):
+        EnsembleNet([net, net])
+
+
+@pytest.mark.parametrize("trained", [1], indirect=True, ids=["one-net"])
+def test_format_1_checkpoints_still_load(trained, tmp_path):
+    """Checkpoints written before ensembles kept one net's weights at the top level."""
+    data, _, path, _ = trained
+    payload = torch.load(path, weights_only=True)
+    payload.update(payload.pop("members")[0], format_version=1)
+    old = save_checkpoint(payload, tmp_path)
+    ids = list(range(data.n_items))
+    new_model, old_model = (get_fusion_model("trained", DIMS, checkpoint=str(p)) for p in (path, old))
+    np.testing.assert_array_equal(old_model.item_vectors(_items(data, ids), [str(i) for i in ids]),
+                                  new_model.item_vectors(_items(data, ids), [str(i) for i in ids]))
