@@ -98,7 +98,7 @@ def bench_floor(config: Path = CONFIG, levels: str = "1,2,4,8,16,32", duration_s
 
 
 @bench_app.command("encode")
-def bench_encode(config: Path = CONFIG, target: str = TARGET, text: int = 512, image: int = 96, audio: int = 192,
+def bench_encode(config: Path = CONFIG, target: str = TARGET, text: int = 1024, image: int = 128, audio: int = 576,
                  out_dir: Path = RESULTS) -> None:
     """Serving efficiency on the running service: UpsertItems items/s vs the raw encoder in-process.
 

@@ -109,6 +109,9 @@ class StoreConfig(_Strict):
                               "Milvus (the system of record); milvus: search Milvus itself.")
     index_params: dict[str, int] = Field(
         default_factory=dict, description="In-memory index knobs: m, ef_construction, ef_search, ef_max, exact_max_rows.")
+    flush_every_rows: int | None = Field(
+        None, ge=0, description="Flush a Milvus Lite collection after this many written rows (rows are durable in "
+                                "its WAL before that); None = auto (see gateway/store/lite.py), 0 = never.")
 
     @property
     def is_lite(self) -> bool:

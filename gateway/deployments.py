@@ -166,7 +166,8 @@ class RetrievalDeployment:
         self.store = await asyncio.to_thread(
             MilvusStore, cfg.uri, self.schema, items_collection=cfg.items_collection,
             interactions_collection=cfg.interactions_collection, token=cfg.token,
-            search_backend=cfg.search_backend, index_params=cfg.index_params, accept_stored_model=True)
+            search_backend=cfg.search_backend, index_params=cfg.index_params, accept_stored_model=True,
+            flush_every_rows=cfg.flush_every_rows)
         self.schema = self.store.schema
         self._lock = threading.RLock()  # one client call at a time: Milvus Lite is single-threaded
         self._models: dict[str, Any] = {}

@@ -51,7 +51,8 @@ MODALITY_NAME_MAX = 64
 MILVUS_MAX_TOPK = 16384
 QUERY_CHUNK = 1000  # ids per `id in [...]` query
 MAX_WRITE_BYTES = 16 << 20  # per upsert/insert call (gRPC limit is 64 MiB)
-FLUSH_EVERY_ROWS_LITE = 512
+FLUSH_EVERY_ROWS_LITE = 512  # Lite serves searches: they scan unflushed rows in Python
+FLUSH_EVERY_ROWS_LITE_MIRRORED = 8192  # searches go to the in-memory index; flushes cost the write path
 
 # index params per backend and field role: exact search on Lite (its ANN indexes are no
 # faster there and lose filtered recall, see DESIGN); HNSW for the fused vectors on a server.

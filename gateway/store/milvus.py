@@ -56,6 +56,7 @@ from gateway.store.layout import (
     F_USER,
     F_VERSIONS,
     FLUSH_EVERY_ROWS_LITE,
+    FLUSH_EVERY_ROWS_LITE_MIRRORED,
     ID_MAX_BYTES,
     INDEX_PARAMS,
     KIND_MAX_BYTES,
@@ -101,7 +102,8 @@ class MilvusStore(ItemStore):
     Extra keyword-only knobs (defaults are fine):
       history_cache_events_per_user: most recent events kept per cached user.
       flush_every_rows: flush a collection after this many written rows; None = auto
-        (512 on Lite, never on a server), 0 = never, 1 = after every write.
+        (on Lite 512 when Milvus serves searches, 8192 when the in-memory index does;
+        never on a server), 0 = never, 1 = after every write.
       search_backend: "memory" (in-memory HNSW + attribute columns kept in step with
         Milvus) or "milvus" (search Milvus itself).
       index_params: VectorIndex knobs for the memory backend (m, ef_construction,
@@ -158,8 +160,9 @@ class MilvusStore(ItemStore):
 
         self._is_lite = uri.endswith(".db")
         self._backend = "lite" if self._is_lite else "server"
-        if flush_every_rows is None:
-            flush_every_rows = FLUSH_EVERY_ROWS_LITE if self._is_lite else 0
+        if flush_every_rows is None:  # see lite.py: unflushed rows slow Lite's own search, not reads by id
+            flush_every_rows = 0 if not self._is_lite else (
+                FLUSH_EVERY_ROWS_LITE_MIRRORED if search_backend == "memory" else FLUSH_EVERY_ROWS_LITE)
         self._flush_every = int(flush_every_rows)
         self._pending: dict[str, int] = {}
         self._history = history

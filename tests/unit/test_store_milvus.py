@@ -658,3 +658,13 @@ def test_reindex_switches_fused_vectors_atomically(db_path: str, backend: str):
         assert "items" not in names and "items__r1" not in names and "items__r2" in names
     finally:
         s2.close()
+
+
+@pytest.mark.parametrize("search_backend, every", [("memory", 8192), ("milvus", 512)])
+def test_lite_flush_policy_follows_who_serves_searches(db_path: str, search_backend: str, every: int):
+    """Lite's own search scans unflushed rows; with the in-memory index only reads by id hit Lite."""
+    s = MilvusStore(db_path, make_schema(), search_backend=search_backend)
+    try:
+        assert s._flush_every == every
+    finally:
+        s.close()
