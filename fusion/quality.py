@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from fusion.data import InteractionData, load_dataset
-from fusion.ensemble import member_seed
 
 REPORT_DIR = Path(__file__).resolve().parents[1] / "reports" / "quality"
 ABLATIONS = ("id", "text", "audio", "id+text", "id+audio", "text+audio", "full")
@@ -42,7 +41,7 @@ def cold_split(data: InteractionData, fraction: float = COLD_FRACTION, seed: int
 
 
 def _job(spec: dict[str, Any]) -> dict[str, Any]:
-    """One training run (in a worker process): train, evaluate, optionally export a checkpoint.
+    """One training run (in a worker process): train and evaluate.
 
     ``spec["member"]`` marks one net of an ensemble: it trains under its own member seed and returns
     its weights (``state``) so the parent can assemble and evaluate the ensemble.
@@ -50,7 +49,7 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec.get("threads", 1))
-    from fusion.checkpoint import export_payload, save_checkpoint
+    from fusion.ensemble import member_seed
     from fusion.training import evaluate, train
     from fusion.variants import get_variant, train_config
 
@@ -77,10 +76,6 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
         out["n_cold"] = int(len(cold))
     if "member" in spec:
         out["state"] = result.net.state_dict()
-    if spec.get("export") and variant.kind == "fusion":
-        payload = export_payload(result.net, data, spec["variant"], variant, cfg, spec["seed"],
-                                 {"valid": result.valid, "test": result.test, "best_epoch": result.best_epoch})
-        out["checkpoint"] = str(save_checkpoint(payload))
     return out
 
 
@@ -139,9 +134,9 @@ def assemble(data: InteractionData, variant_name: str, config: dict[str, Any], m
     return nets[0] if len(nets) == 1 else EnsembleNet(nets)
 
 
-def train_ensemble(data: InteractionData, variant_name: str, seed: int, members: int, config: dict[str, Any],
-                   member_runs: list[dict[str, Any]], export: bool = False,
-                   checkpoint_dir: Path | None = None) -> dict[str, Any]:
+def ensemble_run(data: InteractionData, variant_name: str, seed: int, members: int, config: dict[str, Any],
+                 member_runs: list[dict[str, Any]], export: bool = False,
+                 checkpoint_dir: Path | None = None) -> dict[str, Any]:
     """Assemble the members trained under ``seed``, evaluate valid/test, optionally write its checkpoint."""
     from fusion.checkpoint import DEFAULT_CHECKPOINT_DIR, export_payload, save_checkpoint
     from fusion.training import evaluate
@@ -200,7 +195,7 @@ def evaluate_dataset(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), ablation_
     results = run_jobs(specs, workers)
 
     member_runs = [r for r in results if "member" in r]
-    full_runs = [train_ensemble(data, "full", s, members, config, member_runs, export=s == seeds[0]) for s in seeds]
+    full_runs = [ensemble_run(data, "full", s, members, config, member_runs, export=s == seeds[0]) for s in seeds]
     for r in member_runs:
         del r["state"]
     test_mean, test_std = _mean_std([r["test"] for r in full_runs])

@@ -23,7 +23,7 @@ def train(dataset: str = typer.Option("lfm2k", help="lfm2k or ml-100k."),
     """Train one variant (every net of its ensemble), keep each net's best-on-valid epoch, write a versioned
     checkpoint + metrics json."""
     from fusion.data import load_dataset
-    from fusion.quality import member_specs, run_jobs, train_ensemble
+    from fusion.quality import ensemble_run, member_specs, run_jobs
     from fusion.variants import get_variant
 
     spec = get_variant(variant)
@@ -38,7 +38,7 @@ def train(dataset: str = typer.Option("lfm2k", help="lfm2k or ml-100k."),
     if spec.kind != "fusion":
         typer.echo(f"{variant} is an offline baseline (per-user embeddings): no servable checkpoint written")
         return
-    run = train_ensemble(data, variant, seed, n, config, runs, export=True, checkpoint_dir=checkpoint_dir)
+    run = ensemble_run(data, variant, seed, n, config, runs, export=True, checkpoint_dir=checkpoint_dir)
     typer.echo(f"{variant} ({n} nets): valid Recall@20 {run['valid']['recall@20']:.4f}; test Recall@20 "
                f"{run['test']['recall@20']:.4f} NDCG@20 {run['test']['ndcg@20']:.4f}")
     typer.echo(f"checkpoint {run['checkpoint']}")

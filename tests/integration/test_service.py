@@ -256,12 +256,13 @@ def test_new_fusion_model_hot_swaps_then_reindex_moves_the_store(service, client
 
 
 def test_a_trained_checkpoint_serves_recommend_with_its_towers(service, client, loaded, tmp_path):
-    """Runs last: trains a tiny checkpoint on the stored catalog vectors, swaps it in, re-indexes."""
+    """Runs last: trains a tiny 2-net ensemble on the stored catalog vectors, swaps it in, re-indexes."""
     import torch
     from ray import serve
 
     from fusion.checkpoint import export_payload, save_checkpoint
     from fusion.data import InteractionData
+    from fusion.ensemble import EnsembleNet
     from fusion.training import train
     from fusion.variants import TrainConfig, get_variant
     from gateway.runtime import DEFAULT_CONFIG, call_handle, redeploy, reindex
@@ -278,8 +279,8 @@ def test_a_trained_checkpoint_serves_recommend_with_its_towers(service, client, 
                            dict(service.info["encoder_versions"]), "last event per user")
     torch.set_num_threads(1)
     cfg = TrainConfig(block_dim=16, hidden=32, epochs=3, patience=3, batch_users=8)
-    result = train(data, get_variant("full"), cfg, seed=0, progress=False)
-    payload = export_payload(result.net, data, "full", get_variant("full"), cfg, 0, {})
+    net = EnsembleNet([train(data, get_variant("full"), cfg, seed=s, progress=False).net for s in (0, 1)])
+    payload = export_payload(net, data, "full", get_variant("full"), cfg, 0, {})
     payload["item_ids"] = [names[int(i)] for i in payload["item_ids"]]  # dataset rows -> catalog ids
     checkpoint = save_checkpoint(payload, tmp_path)
 
