@@ -27,8 +27,10 @@ def _member_weights(net: FusionNet) -> dict[str, Any]:
     known = net.known.nonzero().squeeze(1)
     own = net.item_blocks(train=False)
     residual = (net.propagate(own) - own).reshape(net.n_items, -1)[known] if net.graph is not None else None
+    # New items borrow from the known items' served vectors (fusion.cold): keep them, rows as item_ids.
+    warm = net.item_vectors(train=False)[0][known] if net.cold is not None else None
     return {"item_tower": net.item_tower.state_dict(), "user_tower": net.user_tower.state_dict(),
-            "graph_residual": residual}
+            "graph_residual": residual, "cold_neighbours": warm}
 
 
 @torch.no_grad()
@@ -59,6 +61,7 @@ def export_payload(net: FusionNet | EnsembleNet, data: InteractionData, variant_
         "id_rows": known.clone(),  # id-table row of each entry of item_ids
         "n_id_rows": first.n_items if first.item_tower.id_emb is not None else 0,
         "members": [_member_weights(m) for m in members],
+        "cold_start": first.cold.to_payload() if first.cold is not None else None,
         "metrics": metrics,
     }
 

@@ -52,9 +52,10 @@ def content_knn_graph(features: np.ndarray, k: int = 10, keep: np.ndarray | None
     """Items with similar content (cosine of (n, d) features), top-k per item, sym-normalised.
 
     Args:
-        keep: (n,) bool; items outside it get no edges (cold items stay content-only, as served).
+        keep: (n,) bool; items outside it get no edges and do not move the centring mean (cold items
+            stay content-only, as served, and are held out of training entirely).
     """
-    x = features - features.mean(0, keepdims=True)
+    x = features - features[keep if keep is not None else slice(None)].mean(0, keepdims=True)
     x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
     sim = (x @ x.T).astype(np.float32)
     if keep is not None:

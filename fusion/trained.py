@@ -19,6 +19,7 @@ import torch
 
 from fusion.base import FusionModel
 from fusion.checkpoint import load_checkpoint
+from fusion.cold import ColdStart
 from fusion.towers import ID_PART, ItemTower, UserTower
 from fusion.training import MAX_HISTORY
 
@@ -60,6 +61,9 @@ class TrainedFusion(FusionModel):
         if len(self._members) > 1 and not self._normalize:
             raise ValueError(f"checkpoint {checkpoint}: an ensemble must be trained with normalize=True")
         self._scale = float(1.0 / np.sqrt(len(self._members)))  # K unit member vectors -> one unit vector
+        cold = payload.get("cold_start")  # absent in checkpoints written before cold-start borrowing
+        has_neighbours = all(m.cold_neighbours is not None for m in self._members)
+        self._cold = ColdStart.from_payload(cold) if cold and has_neighbours and self._normalize else None
 
     def _check_provenance(self, payload: dict, checkpoint: str, encoder_versions: dict[str, str] | None) -> None:
         for m, spec in payload["modalities"].items():
@@ -111,7 +115,8 @@ class TrainedFusion(FusionModel):
         return feats, present, torch.as_tensor(rows, dtype=torch.long)
 
     def item_vectors(self, items: list[dict[str, np.ndarray]], item_ids: list[str] | None = None) -> np.ndarray:
-        """Item tower. Items whose id the checkpoint never saw get content blocks only (cold start).
+        """Item tower. Items whose id the checkpoint never saw get content blocks, blended with their
+        nearest known items by content when the checkpoint has cold-start neighbours (fusion.cold).
 
         Args:
             items: per item, modality -> (modality_dims[m],) vector; modalities the checkpoint
@@ -133,6 +138,9 @@ class TrainedFusion(FusionModel):
         inputs = self._inputs(items, item_ids)
         slots = [self._slot.get(i) for i in item_ids] if item_ids is not None else [None] * len(items)
         rows = [r for r, slot in enumerate(slots) if slot is not None]
+        cold = [r for r in range(len(items))
+                if not has_id[r] and self._cold is not None and self._cold.usable(items[r])]
+        cold_feats = {m: np.stack([items[r][m] for r in cold]) for m in self._cold.modalities} if cold else {}
         parts = []
         for member in self._members:
             out = member.fuse(*inputs)
@@ -140,6 +148,8 @@ class TrainedFusion(FusionModel):
                 out[rows] += member.residual[[slots[r] for r in rows]]
             if self._normalize:  # trained with cosine scores: unit rows, as evaluated
                 out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
+            if cold:
+                out[cold] = self._cold.borrow(torch.from_numpy(out[cold]), cold_feats, member.cold_neighbours).numpy()
             parts.append(out)
         return (np.concatenate(parts, axis=1) * self._scale).astype(np.float32)
 
@@ -177,7 +187,7 @@ class TrainedFusion(FusionModel):
 
 
 class _Member:
-    """One net of a checkpoint: its item tower, user tower and frozen graph residuals."""
+    """One net of a checkpoint: its item tower, user tower, frozen graph residuals and cold-start neighbours."""
 
     def __init__(self, weights: dict, dims: dict[str, int], n_id_rows: int, block_dim: int, hidden: int) -> None:
         self.item_tower = ItemTower(dims, n_id_rows, block_dim, hidden=hidden)
@@ -188,6 +198,8 @@ class _Member:
         self.user_tower.eval()
         residual = weights.get("graph_residual")
         self.residual = None if residual is None else residual.float().numpy()
+        warm = weights.get("cold_neighbours")  # (n_known, member dim) served vectors new items borrow from
+        self.cold_neighbours = None if warm is None else warm.float()
 
     @torch.no_grad()
     def fuse(self, feats: dict[str, torch.Tensor], present: dict[str, torch.Tensor], idx: torch.Tensor) -> np.ndarray:

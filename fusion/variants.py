@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fusion.cold import ColdStart
 from fusion.data import InteractionData
 from fusion.graph import bipartite_graph, content_knn_graph, cooccurrence_graph
 from fusion.towers import ItemTower, UserTower
@@ -83,6 +84,8 @@ class TrainConfig:
     cooc_k: int = 20
     content_k: int = 10
     content_graph_weight: float = 0.3
+    cold_k: int = 10  # warm content neighbours an item without interactions borrows from (fusion.cold)
+    cold_share: float = 0.5  # share of its vector taken from them; 0 = content blocks only
     eval_every: int = 1
     extra: dict = field(default_factory=dict)
 
@@ -108,16 +111,21 @@ class FusionNet(nn.Module):
         features: modality -> (n_items, d_m) float32 tensors (raw encoder vectors).
         known: (n_items,) bool, items that may use an id embedding (seen in training).
         graph: (n_items, n_items) normalised item-item operator (dense or sparse) or None.
+        cold: how items outside ``known`` borrow from warm ones (keys over the ``known`` rows), or None.
     """
 
     def __init__(self, features: dict[str, torch.Tensor], n_items: int, use_id: bool, known: torch.Tensor,
-                 graph: torch.Tensor | None, cfg: TrainConfig) -> None:
+                 graph: torch.Tensor | None, cfg: TrainConfig, cold: ColdStart | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.features = features
         self.n_items = n_items
         self.known = known
         self.graph = graph
+        self.cold = cold if cfg.normalize else None  # borrowing mixes unit vectors
+        self._warm_rows = known.nonzero().squeeze(1)
+        self._cold_rows = (~known).nonzero().squeeze(1)
+        self._cold_feats = {m: features[m][self._cold_rows].numpy() for m in (cold.modalities if cold else ())}
         means = {m: x[known].mean(0) if known.any() else x.mean(0) for m, x in features.items()}
         self.item_tower = ItemTower({m: x.shape[1] for m, x in features.items()}, n_items if use_id else 0,
                                     cfg.block_dim, means, hidden=cfg.hidden)
@@ -157,6 +165,9 @@ class FusionNet(nn.Module):
         flat = blocks.reshape(self.n_items, -1)
         if self.cfg.normalize:
             flat = nn.functional.normalize(flat, dim=-1)
+        if self.cold is not None and len(self._cold_rows):  # no interactions: borrow from warm neighbours, as served
+            borrowed = self.cold.borrow(flat[self._cold_rows], self._cold_feats, flat[self._warm_rows])
+            flat = flat.index_copy(0, self._cold_rows, borrowed)
         return flat, blocks
 
     def scores(self, users: torch.Tensor, hist: torch.Tensor, hist_mask: torch.Tensor,
@@ -174,7 +185,8 @@ class FusionNet(nn.Module):
         parts = self.item_tower.modalities
         if len(parts) < 2:
             return torch.zeros(())
-        idx = torch.randperm(self.n_items)[:sample]
+        # Items held out of training (no interactions) are held out here too.
+        idx = self._warm_rows[torch.randperm(len(self._warm_rows))[:sample]]
         z = nn.functional.normalize(blocks[idx, : len(parts)], dim=-1)  # (s, M, d)
         loss, pairs = torch.zeros(()), 0
         target = torch.arange(len(idx))
@@ -222,11 +234,14 @@ def _maybe_dense(graph: torch.Tensor) -> torch.Tensor:
     return graph.to_dense() if graph.shape[0] <= DENSE_GRAPH_MAX_NODES else graph
 
 
-def _stack_normalised(features: list[np.ndarray]) -> np.ndarray:
-    """Concatenate centred unit-norm modality vectors: (n, sum d_m), each modality weighted equally."""
+def _stack_normalised(features: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """Concatenate centred unit-norm modality vectors: (n, sum d_m), each modality weighted equally.
+
+    Centred on the ``rows`` (bool (n,)) items only: items held out of training do not move it.
+    """
     out = []
     for x in features:
-        x = x - x.mean(0, keepdims=True)
+        x = x - x[rows].mean(0, keepdims=True)
         out.append(x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12))
     return np.concatenate(out, axis=1)
 
@@ -241,15 +256,20 @@ def build_net(variant: VariantConfig, data: InteractionData, cfg: TrainConfig,
     feats = {m: torch.as_tensor(data.features[m], dtype=torch.float32) for m in mods}
     known = torch.zeros(data.n_items, dtype=torch.bool)
     known[torch.as_tensor(np.unique(data.train[:, 1]) if known_items is None else known_items)] = True
+    # Content neighbours (graph edges, cold-start borrowing) come from the variant's own content:
+    # text when it has it (tags are the cleanest), else all of it. An ablation never sees a modality it
+    # does not use, not even through neighbours.
+    neighbour_mods = ["text"] if "text" in mods else list(mods)
+    cold = None
+    if variant.use_id and mods and cfg.cold_share > 0:
+        cold = ColdStart.fit(data.features, known.numpy(), tuple(neighbour_mods), cfg.cold_k, cfg.cold_share)
     graph = None
     if variant.graph:
         graph = cooccurrence_graph(data.train, data.n_users, data.n_items, cfg.cooc_k)
         if mods and cfg.content_graph_weight > 0:
-            # FREEDOM-style: a frozen kNN graph over the variant's own content, blended with co-occurrence
-            # (an ablation never sees a modality it does not use, not even through the graph).
-            # Text neighbours are the cleanest (tags); audio-only variants use their audio.
-            graph_mods = ["text"] if "text" in mods else list(mods)
-            content = content_knn_graph(_stack_normalised([data.features[m] for m in graph_mods]), cfg.content_k,
-                                        known.numpy())
+            # FREEDOM-style: a frozen kNN graph over the variant's own content, blended with co-occurrence.
+            content = content_knn_graph(_stack_normalised([data.features[m] for m in neighbour_mods], known.numpy()),
+                                        cfg.content_k, known.numpy())
             graph = ((1 - cfg.content_graph_weight) * graph + cfg.content_graph_weight * content).coalesce()
-    return FusionNet(feats, data.n_items, variant.use_id, known, None if graph is None else _maybe_dense(graph), cfg)
+    return FusionNet(feats, data.n_items, variant.use_id, known, None if graph is None else _maybe_dense(graph), cfg,
+                     cold)

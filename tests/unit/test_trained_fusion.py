@@ -80,19 +80,42 @@ def test_contributions_sum_to_score(trained):
     np.testing.assert_allclose(sum(parts.values()), items @ user, rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_ids_are_content_only(trained):
+def test_unknown_ids_borrow_from_their_content_neighbours(trained):
     data, _, path, known = trained
     model = get_fusion_model("trained", DIMS, checkpoint=str(path))
     cold = [i for i in range(data.n_items) if i not in set(known.tolist())]
     content = _items(data, cold)
     by_unknown_id = model.item_vectors(content, ["never-seen"] * len(cold))
     np.testing.assert_allclose(by_unknown_id, model.item_vectors(content, None))
+    np.testing.assert_allclose(np.linalg.norm(by_unknown_id, axis=1), 1.0, rtol=1e-5)
+    # No id of their own, but behaviour borrowed from the known items nearest by text.
     for block in model._blocks("id"):  # one per member
-        np.testing.assert_allclose(by_unknown_id[:, block], 0.0)
-    # Cold items keep their content: a single modality is enough.
-    assert np.isfinite(model.item_vectors([{"text": data.features["text"][cold[0]]}], ["x"])).all()
+        assert (np.abs(by_unknown_id[:, block]).sum(1) > 1e-3).all()
+    # Without text (the neighbour modality) there is nothing to match on: content blocks only.
+    audio_only = model.item_vectors([{"vggish": data.features["vggish"][cold[0]]}], ["x"])
+    assert np.isfinite(audio_only).all()
+    for block in model._blocks("id"):
+        np.testing.assert_allclose(audio_only[:, block], 0.0)
     with pytest.raises(ValueError, match="none of the modalities"):
         model.item_vectors([{}], ["x"])
+
+
+def test_items_held_out_of_training_do_not_shape_the_model():
+    """Cold items are no negatives and no alignment sample: changing their content changes no warm vector."""
+    torch.set_num_threads(1)
+    cfg = TrainConfig(block_dim=8, hidden=16, epochs=2, patience=2, batch_users=16)
+    vectors = []
+    for scale in (1.0, -3.0):
+        data = _synthetic()
+        cold = np.array([0, 1])
+        for part in ("train", "valid", "test"):  # valid too: epoch selection must not see them either
+            setattr(data, part, getattr(data, part)[~np.isin(getattr(data, part)[:, 1], cold)])
+        for m in DIMS:
+            data.features[m][cold] *= scale
+        net = train(data, get_variant("full"), cfg, seed=0, progress=False).net
+        with torch.no_grad():
+            vectors.append(net.item_vectors(train=False)[0][2:].numpy())
+    np.testing.assert_array_equal(vectors[0], vectors[1])
 
 
 def test_mismatched_encoder_refuses(trained):
@@ -131,12 +154,17 @@ def test_ensemble_refuses_raw_inner_product_members():
 
 @pytest.mark.parametrize("trained", [1], indirect=True, ids=["one-net"])
 def test_format_1_checkpoints_still_load(trained, tmp_path):
-    """Checkpoints written before ensembles kept one net's weights at the top level."""
-    data, _, path, _ = trained
+    """Checkpoints written before ensembles kept one net's weights at the top level (and had no
+    cold-start neighbours: their unknown items stay content only)."""
+    data, _, path, known = trained
     payload = torch.load(path, weights_only=True)
-    payload.update(payload.pop("members")[0], format_version=1)
+    member = payload.pop("members")[0]
+    del member["cold_neighbours"], payload["cold_start"]
+    payload.update(member, format_version=1)
     old = save_checkpoint(payload, tmp_path)
-    ids = list(range(data.n_items))
+    ids = [str(i) for i in known]
     new_model, old_model = (get_fusion_model("trained", DIMS, checkpoint=str(p)) for p in (path, old))
-    np.testing.assert_array_equal(old_model.item_vectors(_items(data, ids), [str(i) for i in ids]),
-                                  new_model.item_vectors(_items(data, ids), [str(i) for i in ids]))
+    np.testing.assert_array_equal(old_model.item_vectors(_items(data, known), ids),
+                                  new_model.item_vectors(_items(data, known), ids))
+    unknown = old_model.item_vectors(_items(data, [0]), ["0"])
+    np.testing.assert_allclose(unknown[:, old_model._blocks("id")[0]], 0.0)
