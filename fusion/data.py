@@ -27,6 +27,9 @@ class InteractionData:
         features: modality -> (n_items, d_m) float32, row i = item i.
         encoder_versions: modality -> version of the encoder that made its vectors.
         split: how valid/test were cut (reported verbatim).
+        held_out: item ids held out of training entirely (the cold-item protocol): not in the
+            catalog while training, so no negatives and no say in any mean. Catalog items that
+            merely lack train interactions are not held out: nobody chose them, which is signal.
     """
 
     name: str
@@ -39,6 +42,7 @@ class InteractionData:
     encoder_versions: dict[str, str]
     split: str
     item_names: list[str] = field(default_factory=list)
+    held_out: np.ndarray | None = None
     _by_user: dict = field(default_factory=dict, repr=False, compare=False)
 
     def user_items(self, part: str = "train") -> list[np.ndarray]:

@@ -48,14 +48,15 @@ def cooccurrence_graph(train: np.ndarray, n_users: int, n_items: int, k: int = 2
     return _sym_norm(*_topk_rows(sim, k), n_items)
 
 
-def content_knn_graph(features: np.ndarray, k: int = 10, keep: np.ndarray | None = None) -> torch.Tensor:
+def content_knn_graph(features: np.ndarray, k: int = 10, keep: np.ndarray | None = None,
+                      centre: np.ndarray | None = None) -> torch.Tensor:
     """Items with similar content (cosine of (n, d) features), top-k per item, sym-normalised.
 
     Args:
-        keep: (n,) bool; items outside it get no edges and do not move the centring mean (cold items
-            stay content-only, as served, and are held out of training entirely).
+        keep: (n,) bool; items outside it get no edges (cold items stay content-only, as served).
+        centre: (n,) bool rows whose mean centres the features (default all; held-out items excluded).
     """
-    x = features - features[keep if keep is not None else slice(None)].mean(0, keepdims=True)
+    x = features - features[centre if centre is not None else slice(None)].mean(0, keepdims=True)
     x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
     sim = (x @ x.T).astype(np.float32)
     if keep is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,8 @@ def cold_split(data: InteractionData, fraction: float = COLD_FRACTION, seed: int
     warm = np.unique(data.train[:, 1])
     cold = np.sort(rng.choice(warm, size=max(1, int(round(fraction * data.n_items))), replace=False))
     keep = ~np.isin(data.train[:, 1], cold)
-    return replace(data, train=data.train[keep], _by_user={}, split=data.split + f"; cold items: {len(cold)} held out"), cold
+    return replace(data, train=data.train[keep], _by_user={}, held_out=cold,
+                   split=data.split + f"; cold items: {len(cold)} held out"), cold
 
 
 def _job(spec: dict[str, Any]) -> dict[str, Any]:
@@ -110,13 +111,22 @@ def served_metrics(checkpoint: str, data: InteractionData, part: str = "test") -
 
 
 def run_jobs(specs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
-    """Run training jobs, ``workers`` at a time (one torch thread each), results in input order."""
+    """Run training jobs, ``workers`` at a time (one torch thread each), results in input order.
+
+    With several workers a bar counts finished jobs (each job's own epoch bar would interleave).
+    """
     if workers <= 1:
         return [_job({**s, "threads": os.cpu_count() or 1}) for s in specs]
     from multiprocessing import get_context
 
+    from tqdm import tqdm
+
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(_job, specs))
+        futures = [pool.submit(_job, s) for s in specs]
+        with tqdm(total=len(futures), desc="training runs", unit="run") as bar:
+            for _ in as_completed(futures):
+                bar.update()
+        return [f.result() for f in futures]
 
 
 def member_specs(dataset: str, variant: str, seed: int, members: int, config: dict[str, Any]) -> list[dict[str, Any]]:

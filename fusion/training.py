@@ -113,9 +113,9 @@ def _loss(net: nn.Module, users: np.ndarray, train_items: list[np.ndarray], cfg:
     seen = torch.zeros_like(logits, dtype=torch.bool)
     seen[torch.nonzero(mask, as_tuple=True)[0], hist[mask]] = True
     logits = logits.masked_fill(seen, -torch.inf)
-    known = getattr(net, "known", None)
-    if known is not None and not bool(known.all()):  # items held out of training are not negatives either
-        logits = logits.masked_fill(~known, -torch.inf)
+    catalog = getattr(net, "catalog", None)
+    if catalog is not None and not bool(catalog.all()):  # items held out of training are not negatives either
+        logits = logits.masked_fill(~catalog, -torch.inf)
     logp = torch.log_softmax(logits, dim=1)
     target = torch.zeros_like(logits)
     for r, (_, tgt) in enumerate(splits):

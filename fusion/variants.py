@@ -112,15 +112,19 @@ class FusionNet(nn.Module):
         known: (n_items,) bool, items that may use an id embedding (seen in training).
         graph: (n_items, n_items) normalised item-item operator (dense or sparse) or None.
         cold: how items outside ``known`` borrow from warm ones (keys over the ``known`` rows), or None.
+        catalog: (n_items,) bool, items in the catalog while training (default all): the others are
+            held out entirely (no negative, no alignment sample).
     """
 
     def __init__(self, features: dict[str, torch.Tensor], n_items: int, use_id: bool, known: torch.Tensor,
-                 graph: torch.Tensor | None, cfg: TrainConfig, cold: ColdStart | None = None) -> None:
+                 graph: torch.Tensor | None, cfg: TrainConfig, cold: ColdStart | None = None,
+                 catalog: torch.Tensor | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.features = features
         self.n_items = n_items
         self.known = known
+        self.catalog = torch.ones(n_items, dtype=torch.bool) if catalog is None else catalog
         self.graph = graph
         self.cold = cold if cfg.normalize else None  # borrowing mixes unit vectors
         self._warm_rows = known.nonzero().squeeze(1)
@@ -166,7 +170,8 @@ class FusionNet(nn.Module):
         if self.cfg.normalize:
             flat = nn.functional.normalize(flat, dim=-1)
         if self.cold is not None and len(self._cold_rows):  # no interactions: borrow from warm neighbours, as served
-            borrowed = self.cold.borrow(flat[self._cold_rows], self._cold_feats, flat[self._warm_rows])
+            # Detached: an unchosen item pushed down as a negative must not drag its neighbours with it.
+            borrowed = self.cold.borrow(flat[self._cold_rows], self._cold_feats, flat[self._warm_rows].detach())
             flat = flat.index_copy(0, self._cold_rows, borrowed)
         return flat, blocks
 
@@ -185,8 +190,8 @@ class FusionNet(nn.Module):
         parts = self.item_tower.modalities
         if len(parts) < 2:
             return torch.zeros(())
-        # Items held out of training (no interactions) are held out here too.
-        idx = self._warm_rows[torch.randperm(len(self._warm_rows))[:sample]]
+        rows = self.catalog.nonzero().squeeze(1)  # items held out of training are held out here too
+        idx = rows[torch.randperm(len(rows))[:sample]]
         z = nn.functional.normalize(blocks[idx, : len(parts)], dim=-1)  # (s, M, d)
         loss, pairs = torch.zeros(()), 0
         target = torch.arange(len(idx))
@@ -237,7 +242,7 @@ def _maybe_dense(graph: torch.Tensor) -> torch.Tensor:
 def _stack_normalised(features: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     """Concatenate centred unit-norm modality vectors: (n, sum d_m), each modality weighted equally.
 
-    Centred on the ``rows`` (bool (n,)) items only: items held out of training do not move it.
+    Centred on the ``rows`` (bool (n,)) items only: items held out of training do not move the mean.
     """
     out = []
     for x in features:
@@ -256,6 +261,9 @@ def build_net(variant: VariantConfig, data: InteractionData, cfg: TrainConfig,
     feats = {m: torch.as_tensor(data.features[m], dtype=torch.float32) for m in mods}
     known = torch.zeros(data.n_items, dtype=torch.bool)
     known[torch.as_tensor(np.unique(data.train[:, 1]) if known_items is None else known_items)] = True
+    catalog = torch.ones(data.n_items, dtype=torch.bool)
+    if data.held_out is not None:
+        catalog[torch.as_tensor(data.held_out)] = False
     # Content neighbours (graph edges, cold-start borrowing) come from the variant's own content:
     # text when it has it (tags are the cleanest), else all of it. An ablation never sees a modality it
     # does not use, not even through neighbours.
@@ -268,8 +276,8 @@ def build_net(variant: VariantConfig, data: InteractionData, cfg: TrainConfig,
         graph = cooccurrence_graph(data.train, data.n_users, data.n_items, cfg.cooc_k)
         if mods and cfg.content_graph_weight > 0:
             # FREEDOM-style: a frozen kNN graph over the variant's own content, blended with co-occurrence.
-            content = content_knn_graph(_stack_normalised([data.features[m] for m in neighbour_mods], known.numpy()),
-                                        cfg.content_k, known.numpy())
+            content = content_knn_graph(_stack_normalised([data.features[m] for m in neighbour_mods], catalog.numpy()),
+                                        cfg.content_k, known.numpy(), catalog.numpy())
             graph = ((1 - cfg.content_graph_weight) * graph + cfg.content_graph_weight * content).coalesce()
     return FusionNet(feats, data.n_items, variant.use_id, known, None if graph is None else _maybe_dense(graph), cfg,
-                     cold)
+                     cold, catalog)

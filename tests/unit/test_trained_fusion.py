@@ -39,7 +39,7 @@ def trained(request, tmp_path_factory):
     cfg = TrainConfig(block_dim=8, hidden=16, epochs=3, patience=3, batch_users=16)
     variant = get_variant("full")
     cold = np.array([0, 1])  # cold items: every train row removed, as in the cold-item protocol
-    data.train = data.train[~np.isin(data.train[:, 1], cold)]
+    data.train, data.held_out = data.train[~np.isin(data.train[:, 1], cold)], cold
     known = np.unique(data.train[:, 1])
     results = [train(data, variant, cfg, seed=s, progress=False) for s in range(request.param)]
     net = results[0].net if request.param == 1 else EnsembleNet([r.net for r in results])
@@ -101,13 +101,15 @@ def test_unknown_ids_borrow_from_their_content_neighbours(trained):
 
 
 def test_items_held_out_of_training_do_not_shape_the_model():
-    """Cold items are no negatives and no alignment sample: changing their content changes no warm vector."""
+    """Held-out items are no negatives, no alignment sample and no mean: changing their content changes no
+    warm vector. (Catalog items without interactions are negatives: that is what the second half checks.)"""
     torch.set_num_threads(1)
     cfg = TrainConfig(block_dim=8, hidden=16, epochs=2, patience=2, batch_users=16)
     vectors = []
     for scale in (1.0, -3.0):
         data = _synthetic()
         cold = np.array([0, 1])
+        data.held_out = cold
         for part in ("train", "valid", "test"):  # valid too: epoch selection must not see them either
             setattr(data, part, getattr(data, part)[~np.isin(getattr(data, part)[:, 1], cold)])
         for m in DIMS:
@@ -116,6 +118,11 @@ def test_items_held_out_of_training_do_not_shape_the_model():
         with torch.no_grad():
             vectors.append(net.item_vectors(train=False)[0][2:].numpy())
     np.testing.assert_array_equal(vectors[0], vectors[1])
+    data.held_out = None  # the same items, now in the catalog with no interactions: they shape it
+    net = train(data, get_variant("full"), cfg, seed=0, progress=False).net
+    with torch.no_grad():
+        unchosen = net.item_vectors(train=False)[0][2:].numpy()
+    assert np.abs(unchosen - vectors[1]).max() > 1e-4
 
 
 def test_mismatched_encoder_refuses(trained):
