@@ -240,8 +240,9 @@ def evaluate_dataset(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), ablation_
         "protocol": "full ranking over all items, the user's train items excluded; user vector = user tower "
                     "over the train history (as served); test metrics at the epoch with best valid Recall@20; "
                     f"mean ± std over seeds {list(seeds)}",
-        "model": f"full: ensemble of {members} nets (id + text + audio blocks, gated; item-item graph frozen "
-                 "into item vectors), scored by the mean of their cosines",
+        "model": f"full: ensemble of {members} nets (gated blocks: id + "
+                 f"{' + '.join(variant_modalities(get_variant('full'), data.modality_dims()))}; item-item graph "
+                 "frozen into item vectors), scored by the mean of their cosines",
         "members": members,
         "test": {**test_mean, "std": test_std, "seeds": list(seeds)},
         "valid": valid_mean,
