@@ -25,6 +25,11 @@ RUNTIME_ENV_DEFAULTS = {
     "RAY_SERVE_LOG_TO_STDERR": "0",
     # Handles route on the caller's loop, user code shares the replica loop: by_user p50 84 -> 30 ms here.
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # That mode also holds the ingress replica open 30 s on stop for load balancers in front of Serve's
+    # own direct-ingress servers. Ours is the Gateway's grpc.aio server, which drains itself on stop
+    # (health NOT_SERVING, then server.grace_period_s for in-flight RPCs): the 30 s only delayed every
+    # stop and redeploy of the Gateway.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
 }
 #: Ray's own single-machine switch (its default on macOS/Windows): the node IP becomes 127.0.0.1, so
 #: GCS, raylet, agents and every worker's gRPC server listen on loopback only. Set for a Ray this
