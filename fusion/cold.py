@@ -15,6 +15,15 @@ import numpy as np
 import torch
 
 
+def centred_units(features: dict[str, np.ndarray], means: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Per modality (in ``means`` order): (n, d_m) float32 rows minus the mean, L2-normalised."""
+    parts = []
+    for m, mean in means.items():
+        x = np.asarray(features[m], dtype=np.float32) - mean
+        parts.append(x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12))
+    return parts
+
+
 def content_keys(features: dict[str, np.ndarray], means: dict[str, np.ndarray]) -> np.ndarray:
     """Per modality centred and L2-normalised, concatenated, scaled to unit rows.
 
@@ -24,10 +33,7 @@ def content_keys(features: dict[str, np.ndarray], means: dict[str, np.ndarray]) 
     Returns:
         (n, sum d_m) float32 unit rows (cosine of two keys = mean of the per-modality cosines).
     """
-    parts = []
-    for m, mean in means.items():
-        x = np.asarray(features[m], dtype=np.float32) - mean
-        parts.append(x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12))
+    parts = centred_units(features, means)
     return (np.concatenate(parts, axis=1) / np.sqrt(len(parts))).astype(np.float32)
 
 
@@ -74,17 +80,26 @@ class ColdStart:
     def usable(self, item: dict[str, np.ndarray]) -> bool:
         return all(m in item for m in self.modalities)
 
+    def match(self, features: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """modality -> (c, d_m) raw vectors of cold items -> their (c, k) warm neighbour rows and weights."""
+        return neighbours(content_keys(features, self.means), self.keys, self.k)
+
     def borrow(self, own: torch.Tensor, features: dict[str, np.ndarray], warm_vectors: torch.Tensor) -> torch.Tensor:
+        """``blend`` with the neighbours ``match`` finds for ``features`` ((c, d_m) per modality)."""
+        return self.blend(own, self.match(features), warm_vectors)
+
+    def blend(self, own: torch.Tensor, matched: tuple[np.ndarray, np.ndarray], warm_vectors: torch.Tensor
+              ) -> torch.Tensor:
         """Blend cold items' unit vectors with their neighbours' served vectors.
 
         Args:
             own: (c, dim) unit vectors of the cold items (content blocks only).
-            features: modality -> (c, d_m) raw vectors of the same items.
+            matched: ``match`` of the same items: (c, k) rows of ``warm_vectors`` and weights.
             warm_vectors: (w, dim) unit vectors of the warm items, rows aligned with ``keys``.
         Returns:
             (c, dim) unit vectors: normalise((1 - share) * own + share * sum_j w_ij warm_j).
         """
-        idx, w = neighbours(content_keys(features, self.means), self.keys, self.k)
+        idx, w = matched
         borrowed = (warm_vectors[torch.from_numpy(idx)] * torch.from_numpy(w).unsqueeze(-1)).sum(1)
         has = torch.from_numpy(w.sum(1) > 0).unsqueeze(-1)
         mixed = torch.where(has, (1 - self.share) * own + self.share * borrowed, own)

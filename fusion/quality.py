@@ -68,8 +68,8 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
                            "valid": result.valid, "test": result.test, "train_s": round(result.train_s, 1),
                            "curve": [{"epoch": c["epoch"], "valid_recall@20": c["valid_recall@20"]}
                                      for c in result.curve]}
-    if cold is not None:
-        out.update(cold_metrics(result.net, data, cold))
+    if cold is not None:  # one net's own cold figure; the parent scores the ensemble against kNN (cold_metrics)
+        out["cold_items"] = evaluate(result.net, data, "test", candidates=cold)
     if "member" in spec:
         out["state"] = result.net.state_dict()
     return out

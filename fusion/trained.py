@@ -140,7 +140,9 @@ class TrainedFusion(FusionModel):
         rows = [r for r, slot in enumerate(slots) if slot is not None]
         cold = [r for r in range(len(items))
                 if not has_id[r] and self._cold is not None and self._cold.usable(items[r])]
-        cold_feats = {m: np.stack([items[r][m] for r in cold]) for m in self._cold.modalities} if cold else {}
+        # Same keys for every member: match the new items to known ones once.
+        matched = self._cold.match({m: np.stack([items[r][m] for r in cold]) for m in self._cold.modalities}
+                                   ) if cold else None
         parts = []
         for member in self._members:
             out = member.fuse(*inputs)
@@ -149,7 +151,7 @@ class TrainedFusion(FusionModel):
             if self._normalize:  # trained with cosine scores: unit rows, as evaluated
                 out /= np.linalg.norm(out, axis=1, keepdims=True).clip(min=1e-12)
             if cold:
-                out[cold] = self._cold.borrow(torch.from_numpy(out[cold]), cold_feats, member.cold_neighbours).numpy()
+                out[cold] = self._cold.blend(torch.from_numpy(out[cold]), matched, member.cold_neighbours).numpy()
             parts.append(out)
         return (np.concatenate(parts, axis=1) * self._scale).astype(np.float32)
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fusion.cold import ColdStart
+from fusion.cold import ColdStart, centred_units
 from fusion.data import InteractionData
 from fusion.graph import bipartite_graph, content_knn_graph, cooccurrence_graph
 from fusion.towers import ItemTower, UserTower
@@ -129,7 +129,9 @@ class FusionNet(nn.Module):
         self.cold = cold if cfg.normalize else None  # borrowing mixes unit vectors
         self._warm_rows = known.nonzero().squeeze(1)
         self._cold_rows = (~known).nonzero().squeeze(1)
-        self._cold_feats = {m: features[m][self._cold_rows].numpy() for m in (cold.modalities if cold else ())}
+        # Features never change: find the cold items' warm neighbours once, not on every forward pass.
+        self._cold_match = None if self.cold is None or not len(self._cold_rows) else self.cold.match(
+            {m: features[m][self._cold_rows].numpy() for m in self.cold.modalities})
         means = {m: x[known].mean(0) if known.any() else x.mean(0) for m, x in features.items()}
         self.item_tower = ItemTower({m: x.shape[1] for m, x in features.items()}, n_items if use_id else 0,
                                     cfg.block_dim, means, hidden=cfg.hidden)
@@ -169,9 +171,9 @@ class FusionNet(nn.Module):
         flat = blocks.reshape(self.n_items, -1)
         if self.cfg.normalize:
             flat = nn.functional.normalize(flat, dim=-1)
-        if self.cold is not None and len(self._cold_rows):  # no interactions: borrow from warm neighbours, as served
+        if self._cold_match is not None:  # no interactions: borrow from warm neighbours, as served
             # Detached: an unchosen item pushed down as a negative must not drag its neighbours with it.
-            borrowed = self.cold.borrow(flat[self._cold_rows], self._cold_feats, flat[self._warm_rows].detach())
+            borrowed = self.cold.blend(flat[self._cold_rows], self._cold_match, flat[self._warm_rows].detach())
             flat = flat.index_copy(0, self._cold_rows, borrowed)
         return flat, blocks
 
@@ -244,11 +246,8 @@ def _stack_normalised(features: list[np.ndarray], rows: np.ndarray) -> np.ndarra
 
     Centred on the ``rows`` (bool (n,)) items only: items held out of training do not move the mean.
     """
-    out = []
-    for x in features:
-        x = x - x[rows].mean(0, keepdims=True)
-        out.append(x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12))
-    return np.concatenate(out, axis=1)
+    parts = centred_units(dict(enumerate(features)), {i: x[rows].mean(0) for i, x in enumerate(features)})
+    return np.concatenate(parts, axis=1)
 
 
 def build_net(variant: VariantConfig, data: InteractionData, cfg: TrainConfig,
