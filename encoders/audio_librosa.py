@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from encoders.base import Encoder, InvalidContent, l2_normalise
+from fusionrec.encoders.base import Encoder, InvalidContent, l2_normalise
 
 #: libsndfile container names we accept (WAVEX/RF64 are WAV variants).
 FORMATS = frozenset({"WAV", "WAVEX", "RF64", "OGG", "MP3", "FLAC"})

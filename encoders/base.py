@@ -7,10 +7,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fusionrec.core.errors import InvalidArgument
+
 MODALITIES = ("text", "image", "audio")
 
 
-class InvalidContent(ValueError):
+class InvalidContent(InvalidArgument):
     """Content an encoder cannot use: empty, corrupt, truncated or of an unsupported format.
 
     Args:

@@ -14,7 +14,7 @@ from efficientnet_lite_pytorch import EfficientNet
 from PIL import Image, ImageOps
 from torchvision import transforms as T
 
-from encoders.base import Encoder, InvalidContent, l2_normalise
+from fusionrec.encoders.base import Encoder, InvalidContent, l2_normalise
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

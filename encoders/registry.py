@@ -5,13 +5,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from encoders.base import Encoder
+from fusionrec.encoders.base import Encoder
 
 # name -> "module:Class"; imported lazily so a text-only worker never loads torchvision or librosa.
 ENCODERS: dict[str, str] = {
-    "minilm-l6-v2": "encoders.text_minilm:MiniLMTextEncoder",
-    "efficientnet-lite0": "encoders.image_efficientnet:EfficientNetLiteImageEncoder",
-    "librosa-mel-mfcc": "encoders.audio_librosa:LibrosaAudioEncoder",
+    "minilm-l6-v2": "fusionrec.encoders.text_minilm:MiniLMTextEncoder",
+    "efficientnet-lite0": "fusionrec.encoders.image_efficientnet:EfficientNetLiteImageEncoder",
+    "librosa-mel-mfcc": "fusionrec.encoders.audio_librosa:LibrosaAudioEncoder",
 }
 
 

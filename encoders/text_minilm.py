@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
-from encoders.base import Encoder, InvalidContent, l2_normalise  # noqa: E402
+from fusionrec.encoders.base import Encoder, InvalidContent, l2_normalise  # noqa: E402
 
 
 class MiniLMTextEncoder(Encoder):

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from fusion.data import InteractionData
-from fusion.ensemble import EnsembleNet
-from fusion.variants import FusionNet, TrainConfig, VariantConfig
+from fusionrec.core.paths import home
+from fusionrec.fusion.train.data import InteractionData
+from fusionrec.fusion.train.ensemble import EnsembleNet
+from fusionrec.fusion.train.variants import FusionNet, TrainConfig, VariantConfig
 
 #: 2: weights under ``members`` (one entry per ensemble member; a single net is one member).
 FORMAT_VERSION = 2
-DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / ".fusionrec" / "checkpoints"
 
 
 @torch.no_grad()
@@ -27,7 +27,7 @@ def _member_weights(net: FusionNet) -> dict[str, Any]:
     known = net.known.nonzero().squeeze(1)
     own = net.item_blocks(train=False)
     residual = (net.propagate(own) - own).reshape(net.n_items, -1)[known] if net.graph is not None else None
-    # New items borrow from the known items' served vectors (fusion.cold): keep them, rows as item_ids.
+    # New items borrow from the known items' served vectors (fusionrec.fusion.cold): keep them, rows as item_ids.
     warm = net.item_vectors(train=False)[0][known] if net.cold is not None else None
     return {"item_tower": net.item_tower.state_dict(), "user_tower": net.user_tower.state_dict(),
             "graph_residual": residual, "cold_neighbours": warm}
@@ -66,8 +66,10 @@ def export_payload(net: FusionNet | EnsembleNet, data: InteractionData, variant_
     }
 
 
-def save_checkpoint(payload: dict[str, Any], directory: Path = DEFAULT_CHECKPOINT_DIR) -> Path:
-    """Write ``<dataset>-<variant>-<hash>.pt`` (+ ``.json`` metrics next to it); returns the .pt path."""
+def save_checkpoint(payload: dict[str, Any], directory: Path | None = None) -> Path:
+    """Write ``<dataset>-<variant>-<hash>.pt`` (+ ``.json`` metrics next to it) into ``directory`` (default
+    ``$FUSIONREC_HOME/checkpoints``); returns the .pt path."""
+    directory = Path(directory or home("checkpoints"))
     buf = io.BytesIO()
     torch.save(payload, buf)
     blob = buf.getvalue()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fusion.base import FusionModel
+from fusionrec.fusion.base import FusionModel
 
 FUSION_MODELS: dict[str, str] = {
-    "weighted-v0": "fusion.weighted:WeightedBlockFusion",
-    "trained": "fusion.trained:TrainedFusion",
+    "weighted-v0": "fusionrec.fusion.weighted:WeightedBlockFusion",
+    "trained": "fusionrec.fusion.trained:TrainedFusion",
 }
 
 

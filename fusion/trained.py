@@ -17,11 +17,11 @@ import logging
 import numpy as np
 import torch
 
-from fusion.base import FusionModel
-from fusion.checkpoint import load_checkpoint
-from fusion.cold import ColdStart
-from fusion.towers import ID_PART, ItemTower, UserTower
-from fusion.training import MAX_HISTORY
+from fusionrec.fusion.base import FusionModel
+from fusionrec.fusion.checkpoint import load_checkpoint
+from fusionrec.fusion.cold import ColdStart
+from fusionrec.fusion.towers import ID_PART, ItemTower, UserTower
+from fusionrec.fusion.train.training import MAX_HISTORY
 
 log = logging.getLogger("fusionrec.fusion")
 
@@ -116,7 +116,7 @@ class TrainedFusion(FusionModel):
 
     def item_vectors(self, items: list[dict[str, np.ndarray]], item_ids: list[str] | None = None) -> np.ndarray:
         """Item tower. Items whose id the checkpoint never saw get content blocks, blended with their
-        nearest known items by content when the checkpoint has cold-start neighbours (fusion.cold).
+        nearest known items by content when the checkpoint has cold-start neighbours (fusionrec.fusion.cold).
 
         Args:
             items: per item, modality -> (modality_dims[m],) vector; modalities the checkpoint

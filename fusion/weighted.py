@@ -15,7 +15,7 @@ import json
 
 import numpy as np
 
-from fusion.base import FusionModel
+from fusionrec.fusion.base import FusionModel
 
 
 class WeightedBlockFusion(FusionModel):

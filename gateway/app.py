@@ -15,12 +15,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from gateway.config import AppConfig, DeploymentConfig
-from gateway.deployments import (EncoderDeployment, FusionDeployment, RetrievalDeployment,
+from fusionrec.gateway.config import AppConfig, DeploymentConfig
+from fusionrec.gateway.deployments import (EncoderDeployment, FusionDeployment, RetrievalDeployment,
                                  encoder_deployment_name, settle_heap)
-from gateway.pipeline import Recommender
-from gateway.server import create_server, set_serving
-from gateway.service import RecommenderServicer
+from fusionrec.gateway.pipeline import Recommender
+from fusionrec.gateway.server import create_server, set_serving
+from fusionrec.gateway.service import RecommenderServicer
 
 log = logging.getLogger("ray.serve")  # lands in the replica log files
 

@@ -8,7 +8,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from encoders.base import MODALITIES
+from fusionrec.core.rules import ID_MAX_BYTES
+from fusionrec.encoders.base import MODALITIES
 
 
 class _Strict(BaseModel):
@@ -34,12 +35,13 @@ class LimitsConfig(_Strict):
     max_exclude_ids: int = Field(10_000, ge=0, description="Most ids in exclude_item_ids.")
     max_filters: int = Field(16, ge=0, description="Most filters per Recommend.")
     max_set_values: int = Field(1000, ge=1, description="Most values in one set-membership filter.")
-    max_id_length: int = Field(256, ge=1, description="Longest item or user id.")
+    max_id_bytes: int = Field(ID_MAX_BYTES, ge=1, le=ID_MAX_BYTES,
+                              description="Longest item or user id, in UTF-8 bytes (the store holds at most 256).")
     max_interactions_batch: int = Field(10_000, ge=1, description="Most events per RecordInteractions call.")
 
 
 class EncoderConfig(_Strict):
-    name: str = Field(description="Registry name (encoders.registry.ENCODERS).")
+    name: str = Field(description="Registry name (fusionrec.encoders.registry.ENCODERS).")
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the encoder class.")
 
 
@@ -95,7 +97,7 @@ class DeploymentsConfig(_Strict):
 
 
 class FusionConfig(_Strict):
-    name: str = Field("weighted-v0", description="Registry name (fusion.registry.FUSION_MODELS).")
+    name: str = Field("weighted-v0", description="Registry name (fusionrec.fusion.registry.FUSION_MODELS).")
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the fusion model.")
 
 
@@ -119,7 +121,7 @@ class StoreConfig(_Strict):
 
 
 class AppConfig(_Strict):
-    """Everything `gateway.app:build_app` needs; the `args` block of deploy/*.yaml."""
+    """Everything `fusionrec.gateway.app:build_app` needs; the `args` block of deploy/*.yaml."""
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from fusionrec.v1 import recommender_pb2 as pb
-from gateway.domain import (FilterSpec, InteractionEvent, ItemInput, ItemView, QueryContent,
+from fusionrec.gateway.domain import (FilterSpec, InteractionEvent, ItemInput, ItemView, QueryContent,
                             Recommendation, RecommendQuery)
-from gateway.store.base import AttributeValue
+from fusionrec.retrieval.base import AttributeValue
 
 
 def value_from_pb(v: pb.AttributeValue) -> AttributeValue | None:

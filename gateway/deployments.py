@@ -13,13 +13,13 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from encoders.base import InvalidContent
-from encoders.registry import get_encoder
-from fusion.registry import get_fusion_model
-from gateway.config import AppConfig, EncoderConfig, FusionConfig, StoreConfig
-from gateway.errors import FailedPrecondition, InvalidArgument, NotFound
-from gateway.domain import Ranked, RecommendQuery
-from gateway.store.base import InteractionEvent, StoredItem, StoreSchema
+from fusionrec.encoders.base import InvalidContent
+from fusionrec.encoders.registry import get_encoder
+from fusionrec.fusion.registry import get_fusion_model
+from fusionrec.gateway.config import AppConfig, EncoderConfig, FusionConfig, StoreConfig
+from fusionrec.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from fusionrec.gateway.domain import Ranked, RecommendQuery
+from fusionrec.retrieval.base import InteractionEvent, StoredItem, StoreSchema
 
 log = logging.getLogger("ray.serve")  # lands in the replica log files
 
@@ -156,7 +156,7 @@ class RetrievalDeployment:
     async def __init__(self, config: dict, encoders: dict[str, DeploymentHandle], fusion: DeploymentHandle,
                        precomputed: dict[str, int]) -> None:
         self.fusion = fusion
-        from gateway.store.milvus import MilvusStore  # pymilvus loads only in this replica
+        from fusionrec.retrieval.milvus import MilvusStore  # pymilvus loads only in this replica
 
         cfg = StoreConfig.model_validate(config)
         dims, versions = await _modality_dims(encoders, precomputed)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gateway.store.base import AttributeValue, FilterSpec, InteractionEvent
+from fusionrec.retrieval.base import AttributeValue, FilterSpec, InteractionEvent
 
 
 @dataclass

@@ -1,52 +1,20 @@
-"""Domain exceptions and the one place that maps them to gRPC status codes."""
+"""The one place that maps domain errors (core/errors.py) to gRPC status codes."""
 
 from __future__ import annotations
 
 import grpc
 
-from encoders.base import InvalidContent
-from gateway.store.base import SchemaMismatch
+from fusionrec.core.errors import (DeadlineExceeded, FailedPrecondition, FusionrecError, InvalidArgument, NotFound,
+                                   Unavailable)
 
-
-class FusionrecError(Exception):
-    """Base of errors a caller can act on; ``code`` is the gRPC status sent back."""
-
-    code = grpc.StatusCode.INTERNAL
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-        super().__init__(message)
-
-    def __reduce__(self):  # survive pickling across Ray processes with the message intact
-        return (type(self), (self.message,))
-
-
-class InvalidArgument(FusionrecError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-
-class NotFound(FusionrecError):
-    code = grpc.StatusCode.NOT_FOUND
-
-
-class ResourceExhausted(FusionrecError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-
-
-class DeadlineExceeded(FusionrecError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-class Unauthenticated(FusionrecError):
-    code = grpc.StatusCode.UNAUTHENTICATED
-
-
-class FailedPrecondition(FusionrecError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class Unavailable(FusionrecError):
-    code = grpc.StatusCode.UNAVAILABLE
+#: Most specific first: SchemaMismatch is a FailedPrecondition, InvalidContent an InvalidArgument.
+STATUS_CODES: dict[type[FusionrecError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -58,10 +26,7 @@ def _cause(exc: BaseException) -> BaseException:
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and caller-facing message for an exception."""
     exc = _cause(exc)
-    if isinstance(exc, FusionrecError):
-        return exc.code, exc.message
-    if isinstance(exc, InvalidContent):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, SchemaMismatch):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    for cls, code in STATUS_CODES.items():
+        if isinstance(exc, cls):
+            return code, exc.message
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server logs"

@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from encoders.base import InvalidContent
-from gateway.config import LimitsConfig, ServerConfig
-from gateway.domain import (InteractionEvent, ItemInput, ItemView, Recommendation,
+from fusionrec.encoders.base import InvalidContent
+from fusionrec.gateway.config import LimitsConfig, ServerConfig
+from fusionrec.gateway.domain import (InteractionEvent, ItemInput, ItemView, Recommendation,
                             RecommendQuery, ScoredItem)
-from gateway.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
-from gateway.store.base import SchemaMismatch, StoredItem
-from gateway.validation import check_id, check_interactions, check_items, check_recommend
+from fusionrec.core.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from fusionrec.retrieval.base import SchemaMismatch, StoredItem
+from fusionrec.gateway.validation import check_id, check_interactions, check_items, check_recommend
 
 BYO_VERSION = "byo"
 

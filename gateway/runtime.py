@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "deploy" / "local.yaml"
+from fusionrec.core.paths import default_config
+
 
 # Settings replicas must see; Ray workers inherit the environment of the process that starts Ray.
 RUNTIME_ENV_DEFAULTS = {
@@ -50,7 +50,7 @@ class Running:
         return f"{self.host}:{self.port}"
 
 
-def start(config_path: str | Path = DEFAULT_CONFIG, ray_address: str | None = None,
+def start(config_path: str | Path | None = None, ray_address: str | None = None,
           overrides: dict[str, Any] | None = None, num_cpus: int | None = None,
           builder: Callable[[dict[str, Any]], Any] | None = None) -> Running:
     """Connect to (or start) Ray, deploy the app, and wait until health is SERVING.
@@ -64,9 +64,10 @@ def start(config_path: str | Path = DEFAULT_CONFIG, ray_address: str | None = No
     import ray
     from ray import serve
 
-    from gateway.config import load_serve_file
+    from fusionrec.gateway.config import load_serve_file
 
     t0 = time.monotonic()
+    config_path = config_path or default_config()
     for key, value in RUNTIME_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if ray_address is None:
@@ -116,7 +117,7 @@ def _deploy_config(config: dict[str, Any], timeout_s: float = 900) -> None:
         address = ray.get_runtime_context().gcs_address
         serve_cli = Path(sys.executable).with_name("serve")
         done = subprocess.run([str(serve_cli), "run", "--address", address, "--non-blocking", fh.name],
-                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+                              capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"serve run failed ({done.returncode}): {done.stderr[-2000:]}")
     finally:

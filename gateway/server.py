@@ -12,8 +12,8 @@ from grpc_reflection.v1alpha import reflection
 
 from fusionrec.v1 import recommender_pb2 as pb
 from fusionrec.v1 import recommender_pb2_grpc as pb_grpc
-from gateway.config import ServerConfig
-from gateway.errors import to_status
+from fusionrec.gateway.config import ServerConfig
+from fusionrec.gateway.errors import to_status
 
 # Serve routes "ray.serve" records into the replica log files (logs/serve/replica_*.log).
 log = logging.getLogger("ray.serve")
@@ -36,7 +36,7 @@ def _wrap_unary(handler: grpc.RpcMethodHandler,
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions escaping a handler to their gRPC status (see gateway.errors.to_status)."""
+    """Maps exceptions escaping a handler to their gRPC status (see fusionrec.gateway.errors.to_status)."""
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)

@@ -8,8 +8,8 @@ import grpc
 
 from fusionrec.v1 import recommender_pb2 as pb
 from fusionrec.v1 import recommender_pb2_grpc as pb_grpc
-from gateway import convert
-from gateway.pipeline import Recommender
+from fusionrec.gateway import convert
+from fusionrec.gateway.pipeline import Recommender
 
 
 class RecommenderServicer(pb_grpc.RecommenderServicer):

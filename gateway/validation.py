@@ -1,43 +1,23 @@
-"""Request checks against the configured limits; each failure names the field to fix."""
+"""Request checks against the configured limits; each failure names the field to fix.
+
+What can be stored at all (id sizes, attribute names and values, kinds) is core/rules.py, the same
+rules the store applies; this module adds the per-request limits of LimitsConfig.
+"""
 
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 
-from gateway.config import LimitsConfig
-from gateway.domain import FilterSpec, InteractionEvent, ItemInput, RecommendQuery
-from gateway.errors import InvalidArgument
-
-ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-MAX_ATTRIBUTES = 64
-MAX_STRING_ATTRIBUTE = 4096
+from fusionrec.core import rules
+from fusionrec.core.errors import InvalidArgument
+from fusionrec.gateway.config import LimitsConfig
+from fusionrec.gateway.domain import FilterSpec, InteractionEvent, ItemInput, RecommendQuery
 
 
 def check_id(value: str, what: str, limits: LimitsConfig) -> None:
-    if not value:
-        raise InvalidArgument(f"{what} must not be empty")
-    if len(value) > limits.max_id_length:
-        raise InvalidArgument(f"{what} is {len(value)} characters; the limit is {limits.max_id_length}")
-
-
-def check_attribute_name(name: str, what: str) -> None:
-    if not ATTRIBUTE_NAME.match(name):
-        raise InvalidArgument(f"{what} {name!r} is not a valid attribute name "
-                              "(letters, digits and _, starting with a letter or _, at most 64)")
-
-
-def check_attributes(attributes: dict, what: str) -> None:
-    if len(attributes) > MAX_ATTRIBUTES:
-        raise InvalidArgument(f"{what} has {len(attributes)} attributes; the limit is {MAX_ATTRIBUTES}")
-    for name, value in attributes.items():
-        check_attribute_name(name, f"{what} attribute")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidArgument(f"{what} attribute {name!r} is not a finite number")
-        if isinstance(value, str) and len(value) > MAX_STRING_ATTRIBUTE:
-            raise InvalidArgument(f"{what} attribute {name!r} is longer than {MAX_STRING_ATTRIBUTE} characters")
+    rules.check_id(value, what, limits.max_id_bytes)
 
 
 def check_filters(filters: list[FilterSpec], limits: LimitsConfig) -> None:
@@ -45,7 +25,7 @@ def check_filters(filters: list[FilterSpec], limits: LimitsConfig) -> None:
         raise InvalidArgument(f"{len(filters)} filters given; the limit is {limits.max_filters}")
     for i, f in enumerate(filters):
         what = f"filters[{i}]"
-        check_attribute_name(f.attribute, f"{what}.attribute")
+        rules.check_attribute_name(f.attribute, f"{what}.attribute")
         kinds = [f.equals is not None, f.min is not None or f.max is not None, f.in_set is not None]
         if sum(kinds) != 1:
             raise InvalidArgument(f"{what} must set exactly one of equals, range or in_set")
@@ -91,7 +71,7 @@ def check_items(items: list[ItemInput], limits: LimitsConfig, modality_dims: dic
         if item.item_id in seen:
             raise InvalidArgument(f"{what}: item_id appears twice in the batch")
         seen.add(item.item_id)
-        check_attributes(item.attributes, what)
+        rules.check_attributes(item.attributes, what)
         for modality in item.content.by_modality:
             if modality not in encoded_modalities:
                 raise InvalidArgument(f"{what}: no encoder is configured for {modality} content")
@@ -118,5 +98,4 @@ def check_interactions(events: list[InteractionEvent], limits: LimitsConfig) -> 
         check_id(e.item_id, f"interactions[{i}].item_id", limits)
         if not math.isfinite(e.timestamp_s) or e.timestamp_s < 0:
             raise InvalidArgument(f"interactions[{i}].timestamp_s must be a non-negative number of seconds")
-        if len(e.kind) > 64:
-            raise InvalidArgument(f"interactions[{i}].kind is longer than 64 characters")
+        rules.check_kind(e.kind, f"interactions[{i}].kind")

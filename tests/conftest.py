@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fusion.shared import shared_dir
+from fusionrec.core.paths import shared_dir
 
 SHARED = shared_dir()
 

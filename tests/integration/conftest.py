@@ -9,10 +9,11 @@ import time
 import pytest
 from grpc_health.v1 import health_pb2
 
-from fusion.shared import shared_dir
-from gateway.client import Client, catalog_batches, interaction_to_pb, read_jsonl
-from gateway.runtime import DEFAULT_CONFIG, start, stop
-from gateway.sample_catalog import generate_catalog
+from fusionrec.core.paths import shared_dir
+from fusionrec.cli.client import Client, catalog_batches, interaction_to_pb, read_jsonl
+from fusionrec.core.paths import default_config
+from fusionrec.gateway.runtime import start, stop
+from fusionrec.cli.sample_catalog import generate_catalog
 from fusionrec.v1 import recommender_pb2 as pb
 
 MEDIA = shared_dir() / "media"
@@ -59,7 +60,7 @@ def service(tmp_path_factory):
     trace.start()
     db = tmp_path_factory.mktemp("milvus") / "items.db"
     overrides = {"server": {"port": port}, "store": {"uri": str(db)}}
-    running = start(DEFAULT_CONFIG, overrides=overrides, num_cpus=2)
+    running = start(default_config(), overrides=overrides, num_cpus=2)
     running.overrides = overrides
     trace.join(timeout=60)
     running.health_trace = trace.seen

@@ -13,6 +13,7 @@ import psutil
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from fusionrec.core.paths import default_config
 from fusionrec.v1 import recommender_pb2 as pb
 
 pytestmark = pytest.mark.integration
@@ -236,14 +237,14 @@ def test_a_modality_that_misses_the_deadline_is_dropped_not_fatal(client, loaded
 
 def test_new_fusion_model_hot_swaps_then_reindex_moves_the_store(service, client, loaded):
     """Runs last: swaps the fusion model of the shared service (no restart), then re-indexes."""
-    from gateway.runtime import DEFAULT_CONFIG, redeploy, reindex
+    from fusionrec.gateway.runtime import redeploy, reindex
 
     item_id = "item-0002"
     image = (loaded["dir"] / loaded["items"][item_id]["image"]).read_bytes()
     query = pb.RecommendRequest(query=pb.Content(image=image), k=3)
     before = client.stub.Recommend(query)
     new_model = {"name": "weighted-v0", "options": {"block_dim": 128, "weights": {"text": 1, "image": 2, "audio": 1}}}
-    redeploy(DEFAULT_CONFIG, overrides={**service.overrides, "fusion": new_model})
+    redeploy(default_config(), overrides={**service.overrides, "fusion": new_model})
     # Loaded, but requests keep the model the stored vectors were made with until re-indexed.
     assert client.stub.Recommend(query).model_version == before.model_version
     result = reindex()
@@ -260,12 +261,12 @@ def test_a_trained_checkpoint_serves_recommend_with_its_towers(service, client, 
     import torch
     from ray import serve
 
-    from fusion.checkpoint import export_payload, save_checkpoint
-    from fusion.data import InteractionData
-    from fusion.ensemble import EnsembleNet
-    from fusion.training import train
-    from fusion.variants import TrainConfig, get_variant
-    from gateway.runtime import DEFAULT_CONFIG, call_handle, redeploy, reindex
+    from fusionrec.fusion.checkpoint import export_payload, save_checkpoint
+    from fusionrec.fusion.train.data import InteractionData
+    from fusionrec.fusion.train.ensemble import EnsembleNet
+    from fusionrec.fusion.train.training import train
+    from fusionrec.fusion.train.variants import TrainConfig, get_variant
+    from fusionrec.gateway.runtime import call_handle, redeploy, reindex
 
     names = sorted(loaded["items"])
     stored = call_handle(serve.get_deployment_handle("Retrieval", service.app_name), "get", names)
@@ -284,7 +285,7 @@ def test_a_trained_checkpoint_serves_recommend_with_its_towers(service, client, 
     payload["item_ids"] = [names[int(i)] for i in payload["item_ids"]]  # dataset rows -> catalog ids
     checkpoint = save_checkpoint(payload, tmp_path)
 
-    redeploy(DEFAULT_CONFIG, overrides={**service.overrides,
+    redeploy(default_config(), overrides={**service.overrides,
                                         "fusion": {"name": "trained", "options": {"checkpoint": str(checkpoint)}}})
     assert reindex()["model_version"].startswith("trained@")
     user = users[0]

@@ -1,9 +1,9 @@
-"""Cold-start borrowing (fusion.cold) against hand-computed cases."""
+"""Cold-start borrowing (fusionrec.fusion.cold) against hand-computed cases."""
 
 import numpy as np
 import torch
 
-from fusion.cold import ColdStart, content_keys, neighbours
+from fusionrec.fusion.cold import ColdStart, content_keys, neighbours
 
 
 def _unit(*rows):

@@ -5,20 +5,20 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from encoders.registry import ENCODERS, encoder_class
-from gateway.app import build_app
-from gateway.config import AppConfig, load_serve_file
-from gateway.runtime import DEFAULT_CONFIG
+from fusionrec.encoders.registry import ENCODERS, encoder_class
+from fusionrec.gateway.app import build_app
+from fusionrec.gateway.config import AppConfig, load_serve_file
+from fusionrec.core.paths import default_config, packaged_config
 
 
 @pytest.mark.parametrize("name", ["gpu.yaml"])
 def test_other_shipped_configs_build(name):
-    serve_file = load_serve_file(DEFAULT_CONFIG.parent / name)
+    serve_file = load_serve_file(packaged_config(name))
     build_app(serve_file.applications[0]["args"])
 
 
 def test_shipped_config_parses_and_builds():
-    serve_file = load_serve_file(DEFAULT_CONFIG)
+    serve_file = load_serve_file(default_config())
     cfg = serve_file.app_config()
     assert cfg.server.host == "127.0.0.1" and cfg.server.port == 9000
     assert serve_file.proxy_location == "Disabled"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from encoders.base import MODALITIES, Encoder, InvalidContent
-from encoders.registry import ENCODERS, get_encoder
+from fusionrec.encoders.base import MODALITIES, Encoder, InvalidContent
+from fusionrec.encoders.registry import ENCODERS, get_encoder
 
 TEXTS = [
     "A quiet acoustic folk song with soft vocals.",

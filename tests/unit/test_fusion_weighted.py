@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusion.registry import get_fusion_model
+from fusionrec.fusion.registry import get_fusion_model
 
 DIMS = {"text": 384, "image": 1280, "audio": 96}
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.metrics import ndcg_at, ranking_metrics, topk_items
+from fusionrec.fusion.train.metrics import ndcg_at, ranking_metrics, topk_items
 
 
 def test_hand_computed_two_users():

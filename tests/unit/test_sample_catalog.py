@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from fusion.shared import shared_dir
-from gateway.sample_catalog import CATEGORIES, MOODS, SAMPLE_RATE, generate_catalog
+from fusionrec.core.paths import shared_dir
+from fusionrec.cli.sample_catalog import CATEGORIES, MOODS, SAMPLE_RATE, generate_catalog
 
 MEDIA_DIR = shared_dir() / "media"
 N_ITEMS, N_USERS = 24, 5

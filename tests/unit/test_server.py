@@ -11,10 +11,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fusionrec.v1 import recommender_pb2 as pb
 from fusionrec.v1 import recommender_pb2_grpc as pb_grpc
-from gateway.config import LimitsConfig, ServerConfig
-from gateway.pipeline import Recommender
-from gateway.server import create_server
-from gateway.service import RecommenderServicer
+from fusionrec.gateway.config import LimitsConfig, ServerConfig
+from fusionrec.gateway.pipeline import Recommender
+from fusionrec.gateway.server import create_server
+from fusionrec.gateway.service import RecommenderServicer
 
 
 class _Loop(threading.Thread):

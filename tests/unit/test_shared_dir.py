@@ -1,16 +1,29 @@
-"""Where data and media are read from: $FUSIONREC_SHARED_DIR overrides ../shared, and a miss says how to fix it."""
+"""Where fusionrec reads and writes: the working folder and FUSIONREC_* variables, never a source file's location."""
 
 from __future__ import annotations
 
 import pytest
 
-from fusion.data import load_dataset
-from fusion.shared import BESIDE_CHECKOUT, ENV_VAR, shared_dir, shared_path
+from fusionrec.fusion.train.data import load_dataset
+from fusionrec.core import paths
+from fusionrec.core.paths import ENV_VAR, shared_dir, shared_path
 
 
-def test_default_is_beside_the_checkout(monkeypatch):
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    assert shared_dir() == BESIDE_CHECKOUT
+def test_defaults_follow_the_working_folder(monkeypatch, tmp_path):
+    for var in (ENV_VAR, "FUSIONREC_HOME", "FUSIONREC_RESULTS_DIR", "FUSIONREC_CONFIG"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert shared_dir().resolve() == tmp_path.parent / "shared"
+    assert paths.home("checkpoints").resolve() == tmp_path / ".fusionrec" / "checkpoints"
+    assert paths.results_dir().resolve() == tmp_path / "bench" / "results"
+    assert paths.default_config().name == "local.yaml" and paths.default_config().is_file()
+
+
+def test_env_vars_point_elsewhere(monkeypatch, tmp_path):
+    monkeypatch.setenv("FUSIONREC_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("FUSIONREC_CONFIG", str(tmp_path / "my.yaml"))
+    assert paths.demo_dir() == tmp_path / "state" / "demo"
+    assert paths.default_config() == tmp_path / "my.yaml"
 
 
 def test_env_var_points_elsewhere(monkeypatch, tmp_path):

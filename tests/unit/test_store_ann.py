@@ -7,9 +7,9 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from gateway.store.ann import VectorIndex  # noqa: E402
-from gateway.store.base import FilterSpec  # noqa: E402
-from gateway.store.mirror import ItemMirror  # noqa: E402
+from fusionrec.retrieval.ann import VectorIndex  # noqa: E402
+from fusionrec.retrieval.base import FilterSpec  # noqa: E402
+from fusionrec.retrieval.mirror import ItemMirror  # noqa: E402
 
 DIM = 32
 

@@ -13,15 +13,15 @@ import pytest
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
-from gateway.store.base import (  # noqa: E402
+from fusionrec.retrieval.base import (  # noqa: E402
     FilterSpec,
     InteractionEvent,
     SchemaMismatch,
     StoredItem,
     StoreSchema,
 )
-from gateway.store.expressions import build_filter, quote_string  # noqa: E402
-from gateway.store.milvus import MilvusStore  # noqa: E402
+from fusionrec.retrieval.expressions import build_filter, quote_string  # noqa: E402
+from fusionrec.retrieval.milvus import MilvusStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 FUSED_DIM = 16
@@ -459,7 +459,7 @@ def test_durable_without_close_after_process_dies(tmp_path: Path):
         sys.path.insert(0, {str(REPO)!r})
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_store_milvus import make_schema, item, ev
-        from gateway.store.milvus import MilvusStore
+        from fusionrec.retrieval.milvus import MilvusStore
         s = MilvusStore({db!r}, make_schema(), flush_every_rows=0)
         rng = np.random.default_rng(0)
         s.upsert([item("k" + str(i), rng, {{"n": i}}) for i in range(5)])

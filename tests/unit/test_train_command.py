@@ -7,10 +7,10 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from fusion.data import load_dataset
-from fusion.quality import served_metrics
-from fusion.registry import get_fusion_model
-from gateway.cli_quality import quality_app
+from fusionrec.fusion.train.data import load_dataset
+from fusionrec.fusion.train.quality import served_metrics
+from fusionrec.fusion.registry import get_fusion_model
+from fusionrec.cli.quality import quality_app
 
 
 @pytest.fixture(scope="module")

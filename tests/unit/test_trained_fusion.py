@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from fusion.checkpoint import export_payload, save_checkpoint
-from fusion.data import InteractionData
-from fusion.ensemble import EnsembleNet
-from fusion.registry import get_fusion_model
-from fusion.training import pad_histories, train
-from fusion.variants import TrainConfig, get_variant
+from fusionrec.fusion.checkpoint import export_payload, save_checkpoint
+from fusionrec.fusion.train.data import InteractionData
+from fusionrec.fusion.train.ensemble import EnsembleNet
+from fusionrec.fusion.registry import get_fusion_model
+from fusionrec.fusion.train.training import pad_histories, train
+from fusionrec.fusion.train.variants import TrainConfig, get_variant
 
 DIMS = {"text": 12, "vggish": 6}
 VERSIONS = {"text": "minilm-l6-v2@1", "vggish": "vggish@synthetic"}

@@ -1,0 +1,1 @@
+"""Generated gRPC code for fusionrec.v1 (protos/fusionrec/v1/recommender.proto; regenerate with `make proto`)."""

@@ -1,0 +1,82 @@
+"""The framework's floor: the real Gateway over no-op deployments with the same hops and payload sizes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve import Application
+
+from fusionrec.gateway.app import Gateway, _options, gateway_args
+from fusionrec.gateway.config import AppConfig
+from fusionrec.gateway.deployments import encoder_deployment_name
+from fusionrec.gateway.domain import Ranked
+from fusionrec.retrieval.base import Candidate, StoreSchema
+
+ENCODER_DIMS = {"text": 384, "image": 1280, "audio": 174}
+
+
+def _unit(dim: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+@serve.deployment
+class NoopEncoder:
+    def __init__(self, modality: str) -> None:
+        self.modality = modality
+        self.vec = _unit(ENCODER_DIMS[modality], 1)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": "noop", "version": "noop@1", "modality": self.modality, "dim": self.vec.size}
+
+    async def encode(self, content: Any) -> np.ndarray:
+        return self.vec
+
+
+@serve.deployment
+class NoopFusion:
+    def __init__(self, dim: int) -> None:
+        self.vec = _unit(dim, 2)
+
+    def info(self) -> dict[str, Any]:
+        return {"version": "noop@1", "dim": self.vec.size, "modality_dims": ENCODER_DIMS}
+
+
+@serve.deployment
+class NoopRetrieval:
+    """Answers with fixed candidates shaped like real ones (fused vectors + attributes)."""
+
+    def __init__(self, dim: int, max_k: int) -> None:
+        rng = np.random.default_rng(3)
+        vecs = rng.standard_normal((max_k, dim)).astype(np.float32)
+        self.candidates = [Candidate(item_id=f"item-{i:06d}", score=0.0, fused=vecs[i],
+                                     attributes={"category": "cat", "mood": "calm", "year": 2001.0, "price": 9.5,
+                                                 "explicit": False}) for i in range(max_k)]
+        self.schema = StoreSchema(modality_dims=ENCODER_DIMS, fused_dim=dim,
+                                  encoder_versions={m: "noop@1" for m in ENCODER_DIMS}, model_version="noop@1")
+
+    def info(self) -> dict[str, Any]:
+        return asdict(self.schema)
+
+    async def recommend(self, q, query: dict, model_version: str, history_limit: int) -> Ranked:
+        """The same answer shape as RetrievalDeployment.recommend, with no work."""
+        chosen = self.candidates[:q.k]
+        zeros = np.zeros(len(chosen), np.float32)
+        return Ranked(chosen, zeros.tolist(), {m: zeros for m in ENCODER_DIMS}, True)
+
+
+def build_floor_app(args: dict[str, Any], fused_dim: int = 768, ingress: Any = Gateway) -> Application:
+    """Same deployments, names, resources and hops as fusionrec.gateway.app.build_app, with no work inside.
+
+    ingress: the ingress deployment class (the frontdoor benchmark swaps in Serve's proxy path).
+    """
+    cfg = AppConfig.model_validate(args)
+    deps = cfg.deployments
+    encoders = {m: NoopEncoder.options(**_options(getattr(deps, f"{m}_encoder"), encoder_deployment_name(m))).bind(m)
+                for m in cfg.encoders}
+    fusion = NoopFusion.options(**_options(deps.fusion, "Fusion")).bind(fused_dim)
+    retrieval = NoopRetrieval.options(**_options(deps.retrieval, "Retrieval")).bind(fused_dim, cfg.limits.max_k)
+    return ingress.options(**_options(deps.gateway, "Gateway")).bind(gateway_args(cfg), encoders, fusion, retrieval)

@@ -1,0 +1,320 @@
+"""Retrieval benchmark: search latency and recall@100 of the in-memory index vs Milvus Lite.
+
+``run()`` builds catalogs of realistic vectors (clustered, low-rank plus noise,
+unit-normalised) at each size, measures batch-1 latency (p50/p99), latency and QPS from
+concurrent threads, and recall@100 against exact search, with and without a ~5 %
+selectivity filter, for both search backends of MilvusStore, plus insert/build time and
+memory. Milvus Lite 3.2.2 is measured only up to ``milvus_max_size`` (its inserts run at
+~2-5k rows/s, so 1M rows would take most of an hour); the 1M in-memory index is built
+directly (no Milvus) in chunks, and stops early when the time budget would be exceeded.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import psutil
+
+from fusionrec.retrieval.base import FilterSpec, StoredItem, StoreSchema
+from fusionrec.retrieval.mirror import ItemMirror
+
+DEFAULT_SIZES = (10_000, 100_000, 1_000_000)
+DEFAULT_DIM = 768  # the served fused dim: 3 blocks of 256
+K = 100
+N_GENRES = 20  # one genre = ~5 % of the catalog
+FILTER = [FilterSpec("genre", equals="g07")]
+LATENT_DIM = 64
+N_CLUSTERS = 1000
+NOISE = 0.3  # isotropic noise norm relative to the low-rank part
+
+Progress = Callable[[str], None]
+
+
+class VectorSource:
+    """Clustered low-rank vectors plus isotropic noise, unit-normalised; one fixed distribution."""
+
+    def __init__(self, dim: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.dim = dim
+        self.centers = rng.standard_normal((N_CLUSTERS, LATENT_DIM)).astype(np.float32)
+        self.basis = (rng.standard_normal((LATENT_DIM, dim)) / np.sqrt(LATENT_DIM)).astype(np.float32)
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        z = self.centers[rng.integers(0, N_CLUSTERS, n)]
+        z = z + 0.5 * rng.standard_normal((n, LATENT_DIM)).astype(np.float32)
+        x = z @ self.basis
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        x += (NOISE / np.sqrt(self.dim)) * rng.standard_normal((n, self.dim)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
+
+
+def _genres(n: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, N_GENRES, n)
+
+
+def _exact_topk(x: np.ndarray, queries: np.ndarray, k: int, mask: np.ndarray | None) -> list[set[int]]:
+    out = []
+    for start in range(0, len(queries), 64):
+        s = queries[start : start + 64] @ x.T
+        if mask is not None:
+            s[:, ~mask] = -np.inf
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        out.extend(set(r.tolist()) for r in part)
+    return out
+
+
+def _latencies(search: Callable[[np.ndarray], list[int]], queries: np.ndarray) -> tuple[list[float], list[list[int]]]:
+    lat, res = [], []
+    for q in queries:
+        t = time.perf_counter()
+        r = search(q)
+        lat.append((time.perf_counter() - t) * 1e3)
+        res.append(r)
+    return lat, res
+
+
+def _concurrent(search: Callable[[np.ndarray], Any], queries: np.ndarray, threads: int) -> dict[str, float]:
+    lat: list[float] = []
+    lock = threading.Lock()
+
+    def one(q):
+        t = time.perf_counter()
+        search(q)
+        dt = (time.perf_counter() - t) * 1e3
+        with lock:
+            lat.append(dt)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, queries))
+    wall = time.perf_counter() - t0
+    return {"conc_p50_ms": float(np.percentile(lat, 50)), "conc_p99_ms": float(np.percentile(lat, 99)),
+            "conc_qps": len(queries) / wall}
+
+
+def _measure(name: str, size: int, search_ids: Callable, queries: np.ndarray, truth: list[set[int]],
+             id_to_row: Callable[[list], list[int]], threads: int, filtered: bool) -> dict[str, Any]:
+    search_ids(queries[0])  # warm-up
+    lat, res = _latencies(search_ids, queries)
+    rec = float(np.mean([len(set(id_to_row(r)) & t) / max(1, min(K, len(t))) for r, t in zip(res, truth)]))
+    row = {"backend": name, "size": size, "filtered": filtered, "queries": len(queries),
+           "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+           "recall_at_100": rec}
+    row.update(_concurrent(search_ids, queries, threads))
+    return row
+
+
+def _rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _milvus_size(size, dim, x, genres, queries, threads, n_milvus_q, workdir, say) -> tuple[list[dict], dict]:
+    """Insert into Milvus Lite through MilvusStore, then search through both backends."""
+    from fusionrec.retrieval.milvus import MilvusStore
+
+    schema = StoreSchema(modality_dims={}, fused_dim=dim, encoder_versions={}, model_version="bench")
+    path = os.path.join(workdir, f"retrieval_{size}.db")
+    ids = [f"it{i}" for i in range(size)]
+    store = MilvusStore(path, schema, search_backend="milvus", flush_every_rows=0)
+    t = time.perf_counter()
+    for s in range(0, size, 2000):
+        store.upsert([StoredItem(ids[i], {"genre": f"g{genres[i]:02d}"}, {}, x[i], {}, "bench")
+                      for i in range(s, min(size, s + 2000))])
+    store.flush()
+    insert_s = time.perf_counter() - t
+    say(f"  milvus insert {size} rows: {insert_s:.1f}s ({size / insert_s:.0f} rows/s)")
+    rss0 = _rss_mb()
+    t = time.perf_counter()
+    mem = MilvusStore(path, schema, search_backend="memory", interactions_collection="interactions_mem")
+    open_s = time.perf_counter() - t
+    say(f"  memory backend open (read {size} rows from Milvus + HNSW build): {open_s:.1f}s")
+    info = {"size": size, "milvus_insert_s": insert_s, "milvus_rows_per_s": size / insert_s,
+            "memory_open_s": open_s, "memory_mb": mem.memory_bytes() / 2**20,
+            "rss_delta_mb": _rss_mb() - rss0}
+    row_of = {i: n for n, i in enumerate(ids)}
+    to_rows = lambda r: [row_of[i] for i in r]  # noqa: E731
+    mask = genres == 7
+    rows = []
+    for filtered in (False, True):
+        f = FILTER if filtered else None
+        truth = _exact_topk(x, queries, K, mask if filtered else None)
+        for name, st, nq in (("memory", mem, len(queries)), ("milvus", store, n_milvus_q)):
+            search = lambda q, st=st, f=f: [c.item_id for c in st.search(q, K, filters=f)]  # noqa: E731
+            rows.append(_measure(name, size, search, queries[:nq], truth[:nq], to_rows, threads, filtered))
+            say("  " + _fmt(rows[-1]))
+    mem.close()
+    store.close()
+    return rows, info
+
+
+def _memory_only_size(size, dim, source, rng, queries, threads, deadline, say) -> tuple[list[dict], dict]:
+    """Build the in-memory mirror directly in chunks (no Milvus), stop early near the deadline."""
+    mirror = ItemMirror(dim)
+    chunk = 100_000
+    xs, gs = [], []
+    rss0 = _rss_mb()
+    t0 = time.perf_counter()
+    built = 0
+    while built < size:
+        n = min(chunk, size - built)
+        x = source.sample(n, rng)
+        g = _genres(n, rng)
+        t = time.perf_counter()
+        mirror.upsert([f"it{built + i}" for i in range(n)], x, [{"genre": f"g{v:02d}"} for v in g])
+        xs.append(x)
+        gs.append(g)
+        built += n
+        per_chunk = time.perf_counter() - t
+        say(f"  built {built}/{size} in {time.perf_counter() - t0:.0f}s")
+        if built < size and time.perf_counter() + 1.15 * per_chunk * (1 + built / size) + 60 > deadline:
+            say(f"  stopping at {built} rows: the next chunk would overrun the time budget")
+            break
+    build_s = time.perf_counter() - t0
+    x = np.concatenate(xs)
+    genres = np.concatenate(gs)
+    del xs, gs
+    info = {"size": size, "built": built, "memory_build_s": build_s, "memory_mb": mirror.memory_bytes() / 2**20,
+            "rss_delta_mb": _rss_mb() - rss0}
+    mask = genres == 7
+    rows = []
+    for filtered in (False, True):
+        f = FILTER if filtered else None
+        truth = _exact_topk(x, queries, K, mask if filtered else None)
+        search = lambda q, f=f: [c.item_id for c in mirror.search(q, K, f)]  # noqa: E731
+        row = _measure("memory", built, search, queries, truth, lambda r: [int(i[2:]) for i in r], threads, filtered)
+        row["requested_size"] = size
+        rows.append(row)
+        say("  " + _fmt(rows[-1]))
+    return rows, info
+
+
+def _fmt(r: dict) -> str:
+    return (f"{r['backend']:<7} {r['size']:>9,} {'5%' if r['filtered'] else 'none':<5} "
+            f"p50 {r['p50_ms']:8.2f}  p99 {r['p99_ms']:8.2f}  conc p99 {r['conc_p99_ms']:8.2f}  "
+            f"qps {r['conc_qps']:8.1f}  recall@100 {r['recall_at_100']:.4f}")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for backend in ("memory", "milvus"):
+        for filtered, style in ((False, "-o"), (True, "--s")):
+            pts = sorted((r["size"], r["p99_ms"], r["recall_at_100"]) for r in rows
+                         if r["backend"] == backend and r["filtered"] == filtered)
+            if not pts:
+                continue
+            xs, ys, recs = zip(*pts)
+            ax.plot(xs, ys, style, label=f"{backend} {'5% filter' if filtered else 'no filter'} (p99)")
+            for x_, y_, r_ in pts:
+                ax.annotate(f"R={r_:.3f}", (x_, y_), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(10, color="grey", lw=0.8, ls=":", label="target p99 10 ms")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("items")
+    ax.set_ylabel("search latency p99, batch 1 (ms)")
+    ax.set_title("fusionrec retrieval: top-100, R = recall@100 vs exact")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(
+    sizes: tuple[int, ...] = DEFAULT_SIZES,
+    dim: int = DEFAULT_DIM,
+    out_dir: Path = Path("bench/results"),
+    progress: Progress | None = None,  # None: print to stdout
+    *,
+    n_queries: int = 200,
+    n_milvus_queries: int = 40,
+    threads: int = 8,
+    milvus_max_size: int = 100_000,
+    budget_s: float = 480.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Measure both search backends at each size; writes retrieval.json and retrieval.png.
+
+    Returns {"rows": [...], "build": [...], "summary": {...}, "notes": [...]}; each row has
+    backend, size, filtered, p50_ms, p99_ms (batch 1), conc_p50_ms/conc_p99_ms/conc_qps
+    (``threads`` concurrent callers) and recall_at_100 (vs exact inner-product search).
+    """
+    say = progress or (lambda s: print(s, flush=True))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    deadline = time.perf_counter() + budget_s
+    source = VectorSource(dim, seed)
+    rng = np.random.default_rng(seed + 1)
+    queries = source.sample(n_queries, np.random.default_rng(seed + 2))
+    rows: list[dict] = []
+    build: list[dict] = []
+    notes = [f"vectors: {dim}-d, {N_CLUSTERS} clusters in a {LATENT_DIM}-d latent space, isotropic noise "
+             f"{NOISE} of the norm, unit-normalised; filter genre == g07 (1/{N_GENRES} of items)",
+             f"Milvus Lite measured up to {milvus_max_size:,} rows (insert ~2-5k rows/s; 1M would take "
+             f"most of an hour), {n_milvus_queries} queries each (every Lite search costs tens to hundreds of ms)"]
+    with tempfile.TemporaryDirectory(prefix="fusionrec-bench-") as workdir:
+        for size in sizes:
+            say(f"size {size:,}")
+            if size <= milvus_max_size:
+                x = source.sample(size, rng)
+                g = _genres(size, rng)
+                r, info = _milvus_size(size, dim, x, g, queries, threads, n_milvus_queries, workdir, say)
+                del x
+            else:
+                r, info = _memory_only_size(size, dim, source, rng, queries, threads, deadline, say)
+                if info["built"] < size:
+                    notes.append(f"{size:,}: only {info['built']:,} rows fitted in the {budget_s:.0f}s budget")
+            rows.extend(r)
+            info["memory_mb_per_100k"] = info["memory_mb"] * 100_000 / max(1, info.get("built", size))
+            build.append(info)
+            gc.collect()
+    ref = {(r["backend"], r["filtered"]): r for r in rows if r["size"] == 100_000}
+    summary = {}
+    if ("memory", False) in ref:
+        summary = {
+            "retrieval_recall_at_100": ref[("memory", False)]["recall_at_100"],
+            "retrieval_p99_ms": ref[("memory", False)]["p99_ms"],
+            "retrieval_filtered_recall_at_100": ref[("memory", True)]["recall_at_100"],
+            "retrieval_filtered_p99_ms": ref[("memory", True)]["p99_ms"],
+        }
+        if ("milvus", False) in ref:
+            summary["retrieval_milvus_p99_ms"] = ref[("milvus", False)]["p99_ms"]
+    result = {"date": time.strftime("%Y-%m-%d"), "dim": dim, "k": K, "threads": threads,
+              "rows": rows, "build": build, "summary": summary, "notes": notes}
+    (out_dir / "retrieval.json").write_text(json.dumps(result, indent=2))
+    _plot(rows, out_dir / "retrieval.png")
+    say("\nbackend      items filt  batch-1 latency (ms)  | 8 threads")
+    for r in rows:
+        say(_fmt(r))
+    for b in build:
+        say("build: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in b.items()))
+    for n in notes:
+        say("note: " + n)
+    return result
+
+
+def headline(result: dict[str, Any]) -> dict[str, float]:
+    """The summary.json figures of a ``run`` result (100k items, memory backend, single query)."""
+    return dict(result.get("summary", {}))
+
+
+if __name__ == "__main__":
+    import sys
+
+    sizes = tuple(int(s) for s in sys.argv[1:]) or DEFAULT_SIZES
+    t = time.perf_counter()
+    run(sizes, progress=lambda s: print(s, flush=True))
+    print(f"total {time.perf_counter() - t:.0f}s")

@@ -1,0 +1,63 @@
+"""Synthetic catalogs for load tests: clustered low-rank vectors per modality, sent as bring-your-own vectors."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from fusionrec.v1 import recommender_pb2 as pb
+from fusionrec.cli.client import Client
+from fusionrec.gateway.convert import value_to_pb
+
+N_CATEGORIES = 20  # one category is ~5 % of the catalog: the filtered benchmark's selectivity
+
+
+def clustered_vectors(n: int, dim: int, rng: np.random.Generator, clusters: np.ndarray, n_clusters: int,
+                      rank: int = 32, noise: float = 0.35) -> np.ndarray:
+    """(n, dim) unit rows: a cluster centre plus a low-rank within-cluster part plus noise.
+
+    Uniform random vectors are the hardest case for ANN and unlike real embeddings.
+    """
+    centres = rng.standard_normal((n_clusters, dim)).astype(np.float32)
+    basis = rng.standard_normal((rank, dim)).astype(np.float32) / np.sqrt(rank)
+    x = centres[clusters] + rng.standard_normal((n, rank)).astype(np.float32) @ basis
+    x += noise * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def user_ids(n_users: int) -> list[str]:
+    """The synthetic users seed_catalog records interactions for."""
+    return [f"syn-user-{u:05d}" for u in range(n_users)]
+
+
+def seed_catalog(client: Client, n_items: int, n_users: int, modality_dims: dict[str, int],
+                 encoder_versions: dict[str, str], batch_size: int = 256, events_per_user: int = 20,
+                 seed: int = 0, progress: Callable[[int], None] | None = None) -> list[str]:
+    """Upsert n_items synthetic items and n_users users' interactions; returns the user ids."""
+    rng = np.random.default_rng(seed)
+    n_clusters = 64
+    clusters = rng.integers(0, n_clusters, n_items)  # shared by all modalities: they carry one signal
+    vectors = {m: clustered_vectors(n_items, d, rng, clusters, n_clusters) for m, d in modality_dims.items()}
+    for start in range(0, n_items, batch_size):
+        items = []
+        for i in range(start, min(start + batch_size, n_items)):
+            attrs = {"category": f"c{i % N_CATEGORIES:02d}", "year": float(1990 + i % 35), "price": float(i % 100)}
+            items.append(pb.ItemInput(
+                item_id=f"syn-{i:07d}", attributes={k: value_to_pb(v) for k, v in attrs.items()},
+                vectors=[pb.ModalityVector(modality=m, values=vectors[m][i], encoder_version=encoder_versions.get(m, ""))
+                         for m in modality_dims]))
+        client.stub.UpsertItems(pb.UpsertItemsRequest(items=items), timeout=300, metadata=client.metadata)
+        if progress:
+            progress(len(items))
+    users = user_ids(n_users)
+    events = []
+    for u, user in enumerate(users):
+        taste = np.flatnonzero(clusters == u % n_clusters)
+        picks = rng.choice(taste, size=min(events_per_user, len(taste)), replace=False)
+        events += [pb.Interaction(user_id=user, item_id=f"syn-{i:07d}", kind="view", timestamp_s=1e9 + t)
+                   for t, i in enumerate(picks)]
+    for start in range(0, len(events), 10_000):
+        client.stub.RecordInteractions(pb.RecordInteractionsRequest(interactions=events[start:start + 10_000]),
+                                       timeout=300, metadata=client.metadata)
+    return users

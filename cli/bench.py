@@ -1,0 +1,170 @@
+"""`fusionrec bench ...`: benchmark commands; each prints a table and writes bench/results/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from tqdm import tqdm
+
+from fusionrec.cli.client import Client
+from fusionrec.core.paths import default_config, demo_dir, results_dir
+
+TARGET = typer.Option("127.0.0.1:9000", "--target", "-t", help="host:port of the fusionrec gRPC service.")
+TOKEN = typer.Option("", "--token", envvar="FUSIONREC_TOKEN", help="Auth token, if the server requires one.")
+CONFIG = typer.Option(None, "--config", "-c", envvar="FUSIONREC_CONFIG", callback=lambda v: v or default_config(),
+                      help="Serve config file (default: the packaged deploy/local.yaml).")
+RESULTS = typer.Option(None, envvar="FUSIONREC_RESULTS_DIR", callback=lambda v: v or results_dir(),
+                       help="Where JSON and PNG results go (default bench/results).")
+
+bench_app = typer.Typer(help="Benchmarks against a running service; print a table, write bench/results/.")
+
+
+@bench_app.command("latency")
+def bench_latency(n: int = typer.Option(100, help="Sequential calls per request kind."), user: str = "user-001",
+                  target: str = TARGET, token: str = TOKEN,
+                  out_dir: Path = RESULTS) -> None:
+    """Sequential Recommend p50/p99 by user and with text/image/audio queries, and system memory."""
+    from fusionrec.bench import latency as bench
+
+    client = Client(target, token)
+    requests = bench.request_kinds(demo_dir(), user)
+    with tqdm(total=n * len(requests), desc="recommend", unit="call") as bar:
+        stats = bench.sequential_latency(client, requests, n, progress=bar.update)
+    memory = bench.system_memory_mb()
+    path = bench.write_results(stats, memory, out_dir, {"target": target, "calls_per_kind": n})
+    typer.echo(f"{'kind':<12} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8}")
+    for s in stats:
+        typer.echo(f"{s.kind:<12} {s.p50_ms:8.1f} {s.p99_ms:8.1f} {s.mean_ms:8.1f}")
+    typer.echo(f"memory: {memory['processes']} processes, PSS {memory['pss_mb']:.0f} MiB (RSS sum {memory['rss_mb']:.0f} MiB)")
+    typer.echo(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def _levels(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _bar(desc: str, total: int):
+    return tqdm(total=total, desc=desc, unit="item").update
+
+
+@bench_app.command("all")
+def bench_all(config: Path = CONFIG, items: int = typer.Option(100_000, help="Synthetic catalog size."),
+              users: int = 1000, levels: str = "1,2,4,8,16,32", duration_s: float = 8.0,
+              retrieval_sizes: str = typer.Option("10000,100000,1000000", help="Empty to skip."),
+              out_dir: Path = RESULTS) -> None:
+    """Everything, side by side in one run (what `make bench` runs): bench/results/summary.json."""
+    from fusionrec.bench.suite import run_suite
+
+    summary = run_suite(config, out_dir, n_items=items, n_users=users, levels=tuple(_levels(levels)),
+                        duration_s=duration_s, retrieval_sizes=tuple(_levels(retrieval_sizes)),
+                        log=typer.echo, progress=_bar)
+    keys = ("cold_start_s", "recommend_qps", "recommend_p99_ms", "recommend_knee", "floor_qps",
+            "recommend_to_floor_qps", "encode_efficiency", "retrieval_recall_at_100", "retrieval_p99_ms")
+    for key in keys:
+        typer.echo(f"{key:<26} {summary.get(key)}")
+    typer.echo(f"wrote {out_dir / 'summary.json'}")
+
+
+@bench_app.command("recommend")
+def bench_recommend(levels: str = "1,2,4,8,16,32", duration_s: float = 8.0, users: int = 40,
+                    target: str = TARGET, out_dir: Path = RESULTS) -> None:
+    """Closed-loop load on the running demo service: by user and with text/image/audio queries."""
+    from fusionrec.bench import encode, load
+    from fusionrec.bench.suite import _table, mixed_requests
+
+    user_ids = [f"user-{u:03d}" for u in range(1, users + 1)]
+    mix = mixed_requests(user_ids, encode.sample_inputs(demo_dir() / "catalog.jsonl"))
+    results = load.closed_loop(target, mix, _levels(levels), duration_s, progress=lambda r: typer.echo(
+        f"  concurrency {r.concurrency}: {r.qps:.1f} req/s, p99 {r.p99_ms:.1f} ms"))
+    _table("recommend mixed", results, typer.echo)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recommend.json").write_text(json.dumps(load.as_dicts(results), indent=2))
+    load.plot_curves({"recommend mixed": results}, out_dir / "recommend_demo.png", "Recommend on the demo catalog")
+
+
+@bench_app.command("floor")
+def bench_floor(config: Path = CONFIG, levels: str = "1,2,4,8,16,32", duration_s: float = 8.0, users: int = 1000,
+                out_dir: Path = RESULTS) -> None:
+    """The framework's floor: the same Gateway, hops and load over no-op deployments (starts its own app)."""
+    from fusionrec.bench import load, seed
+    from fusionrec.bench.suite import _table, run_floor
+
+    results = run_floor(config, seed.user_ids(users), tuple(_levels(levels)), duration_s)
+    _table("floor by_user", results, typer.echo)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "floor.json").write_text(json.dumps(load.as_dicts(results), indent=2))
+    load.plot_curves({"floor (no-op deployments)": results}, out_dir / "floor.png", "The Serve floor")
+
+
+@bench_app.command("encode")
+def bench_encode(config: Path = CONFIG, target: str = TARGET, text: int = 1024, image: int = 128, audio: int = 576,
+                 out_dir: Path = RESULTS) -> None:
+    """Serving efficiency on the running service: UpsertItems items/s vs the raw encoder in-process.
+
+    Writes items under ids `enc-*`, `byo-*` and `warm*` into the running service's store.
+    """
+    from fusionrec.bench import encode
+    from fusionrec.bench.suite import retrieval_info
+    from fusionrec.gateway.config import load_serve_file
+    from fusionrec.gateway.runtime import connect
+
+    serve_file = load_serve_file(config)
+    app_cfg = serve_file.app_config()
+    connect()
+    info = retrieval_info(serve_file.app_name)
+    inputs = encode.sample_inputs(demo_dir() / "catalog.jsonl")
+    result = encode.efficiency(target, app_cfg, inputs, {"text": text, "image": image, "audio": audio},
+                               info["modality_dims"], info["encoder_versions"], typer.echo)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "encode.json").write_text(json.dumps(result, indent=2))
+    encode.plot(result, out_dir / "encode.png")
+
+
+@bench_app.command("retrieval")
+def bench_retrieval(sizes: str = "10000,100000,1000000", out_dir: Path = RESULTS) -> None:
+    """Search latency and recall@100 vs exact, in-memory index vs Milvus Lite, with and without a filter."""
+    from fusionrec.bench import retrieval
+
+    retrieval.run(sizes=tuple(_levels(sizes)), out_dir=out_dir)
+
+
+
+
+@bench_app.command("frontdoor")
+def bench_frontdoor(config: Path = CONFIG, levels: str = "1,4,16,32", duration_s: float = 8.0,
+                    out_dir: Path = RESULTS) -> None:
+    """Serve's native gRPC proxy vs the in-replica grpc.aio front door, both over no-op deployments."""
+    import socket
+
+    from fusionrec.v1 import recommender_pb2 as pb
+    from fusionrec.bench import load
+    from fusionrec.bench.floor import build_floor_app
+    from fusionrec.bench.frontdoor import start_proxied
+    from fusionrec.bench.suite import _table
+    from fusionrec.gateway.runtime import start, stop
+
+    mix = [("by_user", [pb.RecommendRequest(user_id=f"u{i}", k=10) for i in range(50)], 1.0)]
+    curves = {}
+    running = start(config, overrides={"server": {"port": 0}}, builder=build_floor_app)
+    try:
+        curves["grpc.aio in the Gateway replica"] = load.closed_loop(running.target, mix, _levels(levels), duration_s)
+    finally:
+        stop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start_proxied(config, port)
+    try:
+        target = f"127.0.0.1:{port}"
+        app_metadata = (("application", "fusionrec"),)  # the proxy routes by this key
+        Client(target).stub.Recommend(mix[0][1][0], timeout=60, metadata=app_metadata)
+        curves["Serve gRPC proxy"] = load.closed_loop(target, mix, _levels(levels), duration_s, metadata=app_metadata)
+    finally:
+        stop()
+    for name, results in curves.items():
+        _table(name, results, typer.echo)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "frontdoor.json").write_text(json.dumps({k: load.as_dicts(v) for k, v in curves.items()}, indent=2))
+    load.plot_curves(curves, out_dir / "frontdoor.png", "Front door over no-op deployments")

@@ -1,0 +1,266 @@
+"""The `fusionrec` command line: serve, demo, ingest, recommend, status."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import grpc
+import typer
+from tqdm import tqdm
+
+from fusionrec.core.paths import default_config, demo_dir, shared_path
+from fusionrec.v1 import recommender_pb2 as pb
+from fusionrec.cli.client import Client, catalog_batches, interaction_to_pb, read_jsonl
+from fusionrec.gateway.convert import value_to_pb
+
+app = typer.Typer(help="fusionrec: multimodal recommendation served over gRPC.", no_args_is_help=True)
+
+TARGET = typer.Option("127.0.0.1:9000", "--target", "-t", help="host:port of the fusionrec gRPC service.")
+TOKEN = typer.Option("", "--token", envvar="FUSIONREC_TOKEN", help="Auth token, if the server requires one.")
+CONFIG = typer.Option(None, "--config", "-c", envvar="FUSIONREC_CONFIG", callback=lambda v: v or default_config(),
+                      help="Serve config file (default: the packaged deploy/local.yaml).")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (default: start a local one).")
+
+
+def _start(config: Path, ray_address: Optional[str]):
+    from fusionrec.gateway.runtime import start
+
+    typer.echo(f"starting Ray Serve app from {config} (first start loads models, ~1 min) ...")
+    running = start(config, ray_address)
+    typer.echo(f"SERVING on {running.target} after {running.startup_s:.1f} s")
+    return running
+
+
+def _block_until_signal() -> None:
+    from fusionrec.gateway.runtime import stop
+
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    typer.echo("shutting down ...")
+    stop()
+
+
+@app.command()
+def serve(config: Path = CONFIG, ray_address: Optional[str] = RAY_ADDRESS) -> None:
+    """Deploy the Serve app and serve gRPC until Ctrl-C."""
+    _start(config, ray_address)
+    _block_until_signal()
+
+
+@app.command()
+def demo(config: Path = CONFIG, ray_address: Optional[str] = RAY_ADDRESS, items: int = 240, users: int = 40,
+         media_dir: Optional[Path] = typer.Option(None, help="Sample photos the catalog is made from "
+                                                    "(default: media/ under $FUSIONREC_SHARED_DIR or ../shared)."),
+         exit_after_load: bool = typer.Option(False, help="Stop after loading instead of serving on.")) -> None:
+    """Serve, load the deterministic sample catalog and users, print how to call it, serve on."""
+    from fusionrec.cli.sample_catalog import generate_catalog
+
+    t0 = time.monotonic()
+    try:
+        media_dir = media_dir or shared_path("media")
+    except FileNotFoundError as err:  # a setup problem, not a bug: say it without a traceback
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    with tqdm(total=items, desc="generate catalog", unit="item") as bar:
+        files = generate_catalog(demo_dir(), media_dir, n_items=items, n_users=users, progress=bar.update)
+    running = _start(config, ray_address)
+    client = Client(running.target)
+    first_id = next(read_jsonl(files.catalog_path))["id"]
+    try:  # the catalog is deterministic: when its first item is stored, all of it is
+        client.stub.GetItem(pb.GetItemRequest(item_id=first_id), timeout=10)
+        typer.echo("sample catalog already loaded")
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        _ingest(files.catalog_path, running.target, "", batch_size=32)
+        typer.echo(f"recorded {_record(files.interactions_path, running.target, '')} sample interactions")
+    reply = client.stub.Recommend(pb.RecommendRequest(user_id="user-001", k=5), timeout=30)
+    first_answer_s = time.monotonic() - t0
+    typer.echo(f"\nfirst Recommend answered {first_answer_s:.1f} s after start "
+               f"({len(reply.items)} items for user-001: {', '.join(i.item_id for i in reply.items)})")
+    typer.echo(f"""
+fusionrec is serving the sample catalog on {running.target}. Try:
+  .venv/bin/fusionrec recommend --user user-001 -k 5
+  .venv/bin/fusionrec recommend --user user-002 --text "a calm photo of a cat" -k 5
+  .venv/bin/fusionrec recommend --image {demo_dir()}/media/item-0001.jpg -k 5 --filter mood=calm
+  .venv/bin/fusionrec status
+  grpcurl -plaintext -d '{{"user_id": "user-001", "k": 5}}' {running.target} fusionrec.v1.Recommender/Recommend
+Ctrl-C stops it.""")
+    if not exit_after_load:
+        _block_until_signal()
+
+
+def _ingest(catalog: Path, target: str, token: str, batch_size: int) -> int:
+    client = Client(target, token)
+    total = sum(1 for _ in read_jsonl(catalog))
+    done = 0
+    with tqdm(total=total, desc="ingest", unit="item") as bar:
+        for batch in catalog_batches(catalog, batch_size):
+            reply = client.stub.UpsertItems(pb.UpsertItemsRequest(items=batch), metadata=client.metadata, timeout=600)
+            done += reply.upserted
+            bar.update(len(batch))
+    return done
+
+
+def _record(interactions: Path, target: str, token: str, batch_size: int = 1000) -> int:
+    client = Client(target, token)
+    rows = [interaction_to_pb(r) for r in read_jsonl(interactions)]
+    for i in range(0, len(rows), batch_size):
+        client.stub.RecordInteractions(pb.RecordInteractionsRequest(interactions=rows[i:i + batch_size]),
+                                       metadata=client.metadata, timeout=60)
+    return len(rows)
+
+
+@app.command()
+def ingest(catalog: Path = typer.Argument(..., exists=True, help="JSONL catalog: id, attributes, text, image, audio, vectors."),
+           interactions: Optional[Path] = typer.Option(None, exists=True, help="JSONL interactions to record after the items."),
+           target: str = TARGET, token: str = TOKEN, batch_size: int = typer.Option(32, min=1)) -> None:
+    """Upsert a JSONL catalog through the service in batches."""
+    try:
+        n = _ingest(catalog, target, token, batch_size)
+        typer.echo(f"upserted {n} items")
+        if interactions:
+            typer.echo(f"recorded {_record(interactions, target, token)} interactions")
+    except grpc.RpcError as err:
+        raise typer.Exit(_report(err))
+
+
+def _report(err: grpc.RpcError) -> int:
+    typer.echo(f"error: {err.code().name}: {err.details()}", err=True)
+    return 1
+
+
+def _parse_filter(spec: str) -> pb.Filter:
+    """attr=value | attr=a|b|c (set) | attr>=x | attr<=x | attr=lo..hi (range)."""
+    for op in (">=", "<="):
+        if op in spec:
+            name, value = spec.split(op, 1)
+            bound = {"min" if op == ">=" else "max": float(value)}
+            return pb.Filter(attribute=name, range=pb.NumericRange(**bound))
+    name, sep, value = spec.partition("=")
+    if not sep:
+        raise typer.BadParameter(f"filter {spec!r}: use attr=value, attr=a|b, attr>=x, attr<=x or attr=lo..hi")
+    if ".." in value:
+        lo, hi = value.split("..", 1)
+        return pb.Filter(attribute=name, range=pb.NumericRange(min=float(lo), max=float(hi)))
+    values = [value_to_pb(_scalar(v)) for v in value.split("|")]
+    if len(values) > 1:
+        return pb.Filter(attribute=name, in_set=pb.ValueSet(values=values))
+    return pb.Filter(attribute=name, equals=values[0])
+
+
+def _scalar(text: str):
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+@app.command()
+def recommend(user: str = typer.Option("", "--user", "-u"), k: int = typer.Option(10, "-k"),
+              text: str = typer.Option("", help="Query text."),
+              image: Optional[Path] = typer.Option(None, exists=True, help="Query image file."),
+              audio: Optional[Path] = typer.Option(None, exists=True, help="Query audio file."),
+              history: list[str] = typer.Option([], help="History item ids (instead of the stored history)."),
+              filter: list[str] = typer.Option([], "--filter", "-f", help="attr=value, attr=a|b, attr>=x, attr<=x, attr=lo..hi"),
+              exclude: list[str] = typer.Option([], help="Item ids to leave out."),
+              deadline_ms: int = typer.Option(5000), timings: bool = typer.Option(False, help="Show per-stage timings."),
+              as_json: bool = typer.Option(False, "--json"), target: str = TARGET, token: str = TOKEN) -> None:
+    """Call Recommend and print the ranked items."""
+    request = pb.RecommendRequest(
+        user_id=user, k=k, history_item_ids=history, exclude_item_ids=exclude, debug_timings=timings,
+        filters=[_parse_filter(f) for f in filter],
+        query=pb.Content(text=text, image=image.read_bytes() if image else b"",
+                         audio=audio.read_bytes() if audio else b""))
+    client = Client(target, token)
+    try:
+        reply = client.stub.Recommend(request, timeout=deadline_ms / 1000, metadata=client.metadata)
+    except grpc.RpcError as err:
+        raise typer.Exit(_report(err))
+    if as_json:
+        from google.protobuf.json_format import MessageToDict
+        typer.echo(json.dumps(MessageToDict(reply), indent=2))
+        return
+    typer.echo(f"request {reply.request_id}  model {reply.model_version}  used {list(reply.modalities_used)}"
+               + (f"  DEGRADED {[(d.modality, d.reason) for d in reply.modalities_dropped]}" if reply.degraded else ""))
+    for rank, item in enumerate(reply.items, 1):
+        parts = " ".join(f"{c.modality}={c.score:+.3f}" for c in item.contributions)
+        attrs = {k: getattr(v, v.WhichOneof("kind")) for k, v in item.attributes.items()}
+        typer.echo(f"{rank:3d}. {item.item_id:<16} {item.score:.4f}  [{parts}]  {attrs}")
+    for t in reply.timings:
+        typer.echo(f"  {t.stage:<22} {t.duration_ms:8.2f} ms")
+
+
+@app.command()
+def status(target: str = TARGET, token: str = TOKEN, ray_address: str = typer.Option("auto", "--ray-address"),
+           app_name: str = "fusionrec") -> None:
+    """Health, deployments, replicas and item count; exits 0 only while health is SERVING."""
+    serving = Client(target, token).serving()
+    typer.echo(f"health {target}: {'SERVING' if serving else 'NOT SERVING'}")
+    try:
+        _print_deployments(ray_address, app_name)
+    except Exception as err:  # the cluster may be unreachable from here; health still decides
+        typer.echo(f"deployments: unavailable ({type(err).__name__}: {err})")
+    raise typer.Exit(0 if serving else 1)
+
+
+@app.command()
+def reload(config: Path = CONFIG, ray_address: str = typer.Option("auto", "--ray-address")) -> None:
+    """Apply an edited config to the running app; a new fusion model loads without a restart."""
+    from fusionrec.gateway.runtime import redeploy
+
+    typer.echo(f"applied {config} to application {redeploy(config, ray_address)}; "
+               "run `fusionrec reindex` if the fusion model changed")
+
+
+@app.command()
+def reindex(app_name: str = "fusionrec", model_version: Optional[str] = typer.Option(None, help="Default: newest loaded."),
+            ray_address: str = typer.Option("auto", "--ray-address")) -> None:
+    """Recompute every stored fused vector with the new fusion model from the stored modality vectors."""
+    from fusionrec.gateway.runtime import reindex as run_reindex
+
+    result = run_reindex(app_name, model_version, ray_address)
+    if result["changed"]:
+        typer.echo(f"re-indexed {result['items']} items with {result['model_version']}")
+    else:
+        typer.echo(f"store already indexed with {result['model_version']}")
+
+
+def _name(enum_or_str) -> str:
+    return str(getattr(enum_or_str, "value", enum_or_str))
+
+
+def _print_deployments(ray_address: str, app_name: str) -> None:
+    from ray import serve
+
+    from fusionrec.gateway.runtime import call_handle, connect
+
+    connect(ray_address)
+    app_status = serve.status().applications[app_name]
+    typer.echo(f"application {app_name}: {_name(app_status.status)}")
+    for name, dep in app_status.deployments.items():
+        replicas = ", ".join(f"{n} {_name(state)}" for state, n in dep.replica_states.items())
+        typer.echo(f"  {name:<14} {_name(dep.status):<12} replicas: {replicas}")
+    count = call_handle(serve.get_deployment_handle("Retrieval", app_name), "count", timeout_s=30)
+    typer.echo(f"items stored: {count}")
+
+
+from fusionrec.cli.bench import bench_app  # noqa: E402  (commands register on import)
+from fusionrec.cli.quality import evaluate, train  # noqa: E402
+
+app.add_typer(bench_app, name="bench")
+app.command()(train)
+app.command()(evaluate)
+
+
+if __name__ == "__main__":
+    app()

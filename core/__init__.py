@@ -1,0 +1,1 @@
+"""Shared vocabulary of every layer: domain errors, data rules, paths. No Ray, no gRPC."""

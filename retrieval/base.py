@@ -1,0 +1,127 @@
+"""The item/interaction store interface: the system of record behind Retrieval."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from fusionrec.core.errors import FailedPrecondition
+from fusionrec.core.rules import AttributeValue
+
+
+@dataclass
+class StoredItem:
+    """One catalog item as stored.
+
+    modality_vectors: modality -> (dim_m,) float32, only the modalities the item has.
+    fused: (fused_dim,) float32, the item tower's output.
+    """
+
+    item_id: str
+    attributes: dict[str, AttributeValue]
+    modality_vectors: dict[str, np.ndarray]
+    fused: np.ndarray
+    encoder_versions: dict[str, str]
+    model_version: str
+
+
+@dataclass
+class Candidate:
+    """A search hit. fused: (fused_dim,) float32."""
+
+    item_id: str
+    score: float
+    fused: np.ndarray
+    attributes: dict[str, AttributeValue]
+
+
+@dataclass
+class FilterSpec:
+    """A structured filter on one attribute: exactly one of equals / range / in_set."""
+
+    attribute: str
+    equals: AttributeValue | None = None
+    min: float | None = None
+    max: float | None = None
+    in_set: list[AttributeValue] | None = None
+
+
+@dataclass
+class InteractionEvent:
+    user_id: str
+    item_id: str
+    kind: str
+    timestamp_s: float
+
+
+@dataclass
+class StoreSchema:
+    """What the stored vectors mean; a store refuses to open over data written with another.
+
+    modality_dims: modality -> vector length (encoders and bring-your-own modalities).
+    encoder_versions: modality -> encoder version that produced the stored vectors.
+    """
+
+    modality_dims: dict[str, int]
+    fused_dim: int
+    encoder_versions: dict[str, str]
+    model_version: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class SchemaMismatch(FailedPrecondition):
+    """The store holds vectors from other encoders/model than configured."""
+
+
+class ItemStore(ABC):
+    """Items (vectors + attributes) and user interactions; the single owner of the data."""
+
+    @abstractmethod
+    def upsert(self, items: list[StoredItem]) -> None:
+        """Insert or replace items; durable when it returns."""
+
+    @abstractmethod
+    def delete(self, item_ids: list[str]) -> list[str]:
+        """Delete items; returns the ids that existed and were deleted."""
+
+    @abstractmethod
+    def get(self, item_ids: list[str]) -> dict[str, StoredItem]:
+        """Stored items by id (missing ids are absent from the result)."""
+
+    def fused(self, item_ids: list[str]) -> dict[str, np.ndarray]:
+        """Fused vectors by id ((fused_dim,) float32; missing ids absent). Stores with an
+        in-memory index override this to skip the round trip."""
+        return {i: item.fused for i, item in self.get(item_ids).items()}
+
+    @abstractmethod
+    def search(
+        self,
+        query: np.ndarray,
+        k: int,
+        filters: list[FilterSpec] | None = None,
+        exclude_ids: set[str] | None = None,
+    ) -> list[Candidate]:
+        """Top-k items by inner product with query ((fused_dim,) float32), best first."""
+
+    @abstractmethod
+    def count(self) -> int:
+        """Number of stored items."""
+
+    @abstractmethod
+    def iter_items(self, batch_size: int = 1000) -> Iterator[list[StoredItem]]:
+        """Every stored item, in batches (for re-indexing)."""
+
+    @abstractmethod
+    def record_interactions(self, events: list[InteractionEvent]) -> None:
+        """Append interaction events; durable when it returns."""
+
+    @abstractmethod
+    def history(self, user_id: str, limit: int) -> list[InteractionEvent]:
+        """The user's most recent events, oldest first, at most ``limit``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the underlying client and any file locks."""

@@ -1,0 +1,134 @@
+"""The stored Milvus layout in one place: collection/field names, sizes, index and search params.
+
+- ``<items>``: ``id`` VARCHAR(256) pk, ``fused`` FLOAT_VECTOR(fused_dim) (IP; FLAT on
+  Lite, HNSW on a server), ``model_version`` VARCHAR, attributes as dynamic keys
+  ``attr_<name>``. Collection properties hold the StoreSchema (JSON). The only collection
+  a Milvus-side search touches, kept lean on purpose: with the modality vectors beside it,
+  every filter that falls back to row-wise evaluation in Lite pays for them.
+- ``<items>_modality_vectors``: ``id`` pk, one ``vec_<modality>`` FLOAT_VECTOR per
+  modality (zeros when absent; FLAT/IP), ``modalities`` ARRAY<VARCHAR> (which ones the
+  item has), ``versions`` JSON (modality -> encoder version). Written before the item row,
+  deleted after it. Its properties also record which items collection is active
+  (``PROP_ACTIVE_ITEMS``) once the store has been re-indexed (Lite has no aliases).
+- ``<interactions>``: ``pk`` INT64 auto-id, ``user_id``, ``item_id``, ``kind`` VARCHAR,
+  ``ts`` DOUBLE, ``dummy_vec`` FLOAT_VECTOR(2) (Milvus needs one vector field).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fusionrec.core.rules import ID_MAX_BYTES, KIND_MAX_BYTES, VERSION_MAX_BYTES
+
+STORE_FORMAT = "1"
+PROP_SCHEMA = "fusionrec.store_schema"  # items collection: StoreSchema as JSON
+PROP_FORMAT = "fusionrec.format"
+PROP_ROLE = "fusionrec.role"  # "items" | "modality_vectors" | "interactions"
+PROP_ACTIVE_ITEMS = "fusionrec.active_items"  # modality-vectors collection: live items collection
+
+F_ID = "id"
+F_FUSED = "fused"
+F_MODEL_VERSION = "model_version"
+ATTR_PREFIX = "attr_"  # attribute "genre" is stored as dynamic key "attr_genre"
+
+MVEC_SUFFIX = "_modality_vectors"
+VEC_PREFIX = "vec_"
+F_MODALITIES = "modalities"
+F_VERSIONS = "versions"
+F_MVEC_DUMMY = "dummy_vec"  # only when the schema has no modality at all
+
+F_PK = "pk"
+F_USER = "user_id"
+F_ITEM = "item_id"
+F_KIND = "kind"
+F_TS = "ts"
+F_DUMMY = "dummy_vec"
+DUMMY_DIM = 2
+
+MODALITY_NAME_MAX = 64
+
+MILVUS_MAX_TOPK = 16384
+QUERY_CHUNK = 1000  # ids per `id in [...]` query
+MAX_WRITE_BYTES = 16 << 20  # per upsert/insert call (gRPC limit is 64 MiB)
+FLUSH_EVERY_ROWS_LITE = 512  # Lite serves searches: they scan unflushed rows in Python
+FLUSH_EVERY_ROWS_LITE_MIRRORED = 8192  # searches go to the in-memory index; flushes cost the write path
+
+# index params per backend and field role: exact search on Lite (its ANN indexes are no
+# faster there and lose filtered recall, see DESIGN); HNSW for the fused vectors on a server.
+INDEX_PARAMS: dict[str, dict[str, dict[str, Any]]] = {
+    "lite": {
+        "fused": {"index_type": "FLAT", "metric_type": "IP", "params": {}},
+        "modality": {"index_type": "FLAT", "metric_type": "IP", "params": {}},
+        "dummy": {"index_type": "FLAT", "metric_type": "L2", "params": {}},
+    },
+    "server": {
+        "fused": {"index_type": "HNSW", "metric_type": "IP", "params": {"M": 16, "efConstruction": 200}},
+        "modality": {"index_type": "FLAT", "metric_type": "IP", "params": {}},
+        "dummy": {"index_type": "FLAT", "metric_type": "L2", "params": {}},
+    },
+}
+HNSW_MIN_EF = 128
+
+
+def search_params(backend: str, k: int) -> dict[str, Any]:
+    """Milvus search params for the fused field on ``backend`` ("lite" | "server")."""
+    if backend == "server":
+        return {"metric_type": "IP", "params": {"ef": max(HNSW_MIN_EF, k)}}
+    return {"metric_type": "IP", "params": {}}
+
+
+def items_schema(fused_dim: int):
+    """(schema, [(vector field, index role)]) of an items collection."""
+    from pymilvus import DataType, MilvusClient
+
+    s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=True)
+    s.add_field(F_ID, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
+    s.add_field(F_FUSED, DataType.FLOAT_VECTOR, dim=int(fused_dim))
+    s.add_field(F_MODEL_VERSION, DataType.VARCHAR, max_length=VERSION_MAX_BYTES)
+    return s, [(F_FUSED, "fused")]
+
+
+def modality_vectors_schema(modality_dims: dict[str, int]):
+    """(schema, [(vector field, index role)]) of a modality-vectors collection."""
+    from pymilvus import DataType, MilvusClient
+
+    modalities = sorted(modality_dims)
+    s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    s.add_field(F_ID, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
+    idx = []
+    for m in modalities:
+        s.add_field(VEC_PREFIX + m, DataType.FLOAT_VECTOR, dim=int(modality_dims[m]))
+        idx.append((VEC_PREFIX + m, "modality"))
+    if not modalities:
+        s.add_field(F_MVEC_DUMMY, DataType.FLOAT_VECTOR, dim=DUMMY_DIM)
+        idx.append((F_MVEC_DUMMY, "dummy"))
+    s.add_field(
+        F_MODALITIES,
+        DataType.ARRAY,
+        element_type=DataType.VARCHAR,
+        max_capacity=max(1, len(modalities)),
+        max_length=MODALITY_NAME_MAX,
+    )
+    s.add_field(F_VERSIONS, DataType.JSON)
+    return s, idx
+
+
+def interactions_schema():
+    """(schema, [(vector field, index role)]) of an interactions collection."""
+    from pymilvus import DataType, MilvusClient
+
+    s = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+    s.add_field(F_PK, DataType.INT64, is_primary=True)
+    s.add_field(F_USER, DataType.VARCHAR, max_length=ID_MAX_BYTES)
+    s.add_field(F_ITEM, DataType.VARCHAR, max_length=ID_MAX_BYTES)
+    s.add_field(F_KIND, DataType.VARCHAR, max_length=KIND_MAX_BYTES)
+    s.add_field(F_TS, DataType.DOUBLE)
+    s.add_field(F_DUMMY, DataType.FLOAT_VECTOR, dim=DUMMY_DIM)
+    return s, [(F_DUMMY, "dummy")]
+
+
+def vec_out(value: Any) -> np.ndarray:
+    """A vector field as Milvus returns it -> (dim,) float32."""
+    return np.asarray(value, dtype=np.float32).reshape(-1)
