@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run serve test test-unit test-integration proto proto-check clean eval bench bench-gpu
+.PHONY: install run serve test test-unit test-integration proto proto-check wheel-check clean eval bench bench-gpu
 
 install: $(STAMP)
 
@@ -43,6 +43,20 @@ bench: install
 # Encoders on CUDA with fractional GPUs (deploy/gpu.yaml), same ratios; needs a GPU machine.
 bench-gpu: install
 	$(VENV)/bin/fusionrec bench all --config deploy/gpu.yaml --retrieval-sizes ""
+
+# The built wheel, not the editable install: a fresh venv, every module imports, the CLI runs (~2 min).
+WHEEL_DIR := build/wheel-check
+wheel-check: install
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEEL_DIR) .
+	$(PYTHON) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q pip==25.3
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q -c requirements.lock $(WHEEL_DIR)/fusionrec-*.whl
+	cd /tmp && $(CURDIR)/$(WHEEL_DIR)/venv/bin/python $(CURDIR)/.ci/wheel_imports.py
+	cd /tmp && $(CURDIR)/$(WHEEL_DIR)/venv/bin/fusionrec --help > /dev/null
+	cd /tmp && $(CURDIR)/$(WHEEL_DIR)/venv/bin/fusionrec bench --help > /dev/null
+	rm -rf $(WHEEL_DIR) build/lib build/bdist.*
+	@echo "wheel-check: fusionrec --help and fusionrec bench --help run from the installed wheel"
 
 clean:
 	rm -rf .fusionrec

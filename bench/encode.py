@@ -13,7 +13,7 @@ import numpy as np
 from fusionrec.encoders.registry import get_encoder
 from fusionrec.v1 import recommender_pb2 as pb
 from fusionrec.v1 import recommender_pb2_grpc as pb_grpc
-from fusionrec.cli.client import read_jsonl
+from fusionrec.cli.catalog import read_jsonl
 
 
 def sample_inputs(catalog_path: Path) -> dict[str, list]:
@@ -118,10 +118,8 @@ def efficiency(target: str, app_cfg: Any, inputs: dict[str, list], n_items: dict
         served = served_throughput(target, modality, inputs[modality], n)
         store = store_path_throughput(target, modality, modality_dims[modality], encoder_versions[modality], n)
         enc_cfg = app_cfg.encoders[modality]
-        options = dict(enc_cfg.options)
-        if getattr(app_cfg.deployments, f"{modality}_encoder").num_gpus > 0:
-            options.setdefault("device", "cuda")  # the raw baseline runs where the replica does
-        raw, by_batch = raw_throughput(enc_cfg.name, options, inputs[modality], n)
+        # Same options as the replica (device included), so the raw baseline runs where the replica does.
+        raw, by_batch = raw_throughput(enc_cfg.name, dict(enc_cfg.options), inputs[modality], n)
         bound = 1 / (1 / raw + 1 / store)
         out[modality] = {"served_items_per_s": served, "raw_items_per_s": raw, "raw_by_batch": by_batch,
                          "store_path_items_per_s": store, "bound_items_per_s": bound,

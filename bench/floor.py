@@ -9,9 +9,8 @@ import numpy as np
 from ray import serve
 from ray.serve import Application
 
-from fusionrec.gateway.app import Gateway, _options, gateway_args
-from fusionrec.gateway.config import AppConfig
-from fusionrec.gateway.deployments import encoder_deployment_name
+from fusionrec.gateway.app import Gateway, deployment_options, gateway_args
+from fusionrec.gateway.config import AppConfig, encoder_deployment_name
 from fusionrec.gateway.domain import Ranked
 from fusionrec.retrieval.base import Candidate, StoreSchema
 
@@ -68,15 +67,21 @@ class NoopRetrieval:
         return Ranked(chosen, zeros.tolist(), {m: zeros for m in ENCODER_DIMS}, True)
 
 
-def build_floor_app(args: dict[str, Any], fused_dim: int = 768, ingress: Any = Gateway) -> Application:
+def build_floor_app(args: dict[str, Any], deployments: list[dict[str, Any]] | None = None, fused_dim: int = 768,
+                    ingress: Any = Gateway) -> Application:
     """Same deployments, names, resources and hops as fusionrec.gateway.app.build_app, with no work inside.
 
+    deployments: the Serve config's `deployments:` overrides (resources, replicas), applied here since
+        this app is deployed imperatively; `user_config`s are left out (the no-op classes take none).
     ingress: the ingress deployment class (the frontdoor benchmark swaps in Serve's proxy path).
     """
     cfg = AppConfig.model_validate(args)
-    deps = cfg.deployments
-    encoders = {m: NoopEncoder.options(**_options(getattr(deps, f"{m}_encoder"), encoder_deployment_name(m))).bind(m)
-                for m in cfg.encoders}
-    fusion = NoopFusion.options(**_options(deps.fusion, "Fusion")).bind(fused_dim)
-    retrieval = NoopRetrieval.options(**_options(deps.retrieval, "Retrieval")).bind(fused_dim, cfg.limits.max_k)
-    return ingress.options(**_options(deps.gateway, "Gateway")).bind(gateway_args(cfg), encoders, fusion, retrieval)
+    overrides = [{k: v for k, v in d.items() if k != "user_config"} for d in deployments or []]
+
+    def options(name: str) -> dict[str, Any]:
+        return {k: v for k, v in deployment_options(name, overrides).items() if k != "user_config"}
+
+    encoders = {m: NoopEncoder.options(**options(encoder_deployment_name(m))).bind(m) for m in cfg.encoders}
+    fusion = NoopFusion.options(**options("Fusion")).bind(fused_dim)
+    retrieval = NoopRetrieval.options(**options("Retrieval")).bind(fused_dim, cfg.limits.max_k)
+    return ingress.options(**options("Gateway")).bind(gateway_args(cfg), encoders, fusion, retrieval)

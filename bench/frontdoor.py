@@ -38,8 +38,8 @@ class ProxiedGateway:
         return convert.recommendation_to_pb(rec)
 
 
-def build_proxied_floor_app(args: dict[str, Any]) -> Application:
-    return build_floor_app(args, ingress=ProxiedGateway)
+def build_proxied_floor_app(args: dict[str, Any], deployments: list[dict[str, Any]]) -> Application:
+    return build_floor_app(args, deployments, ingress=ProxiedGateway)
 
 
 def start_proxied(config_path, port: int, proxy_num_cpus_note: str = "") -> None:
@@ -59,5 +59,6 @@ def start_proxied(config_path, port: int, proxy_num_cpus_note: str = "") -> None
                 grpc_options={"port": port, "grpc_servicer_functions": [SERVICER_FUNCTION]},
                 logging_config=serve_file.logging_config or None)
     # Only applications with a route prefix are reachable through the proxy.
-    serve.run(build_proxied_floor_app(serve_file.applications[0].get("args") or {}), name="fusionrec",
+    serve.run(build_proxied_floor_app(serve_file.applications[0].get("args") or {}, serve_file.deployments),
+              name="fusionrec",
               route_prefix="/", logging_config=serve_file.logging_config or None)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import psutil
 
+from fusionrec.core.paths import results_dir
 from fusionrec.retrieval.base import FilterSpec, StoredItem, StoreSchema
 from fusionrec.retrieval.mirror import ItemMirror
 
@@ -233,38 +234,23 @@ def _plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(
-    sizes: tuple[int, ...] = DEFAULT_SIZES,
-    dim: int = DEFAULT_DIM,
-    out_dir: Path = Path("bench/results"),
-    progress: Progress | None = None,  # None: print to stdout
-    *,
-    n_queries: int = 200,
-    n_milvus_queries: int = 40,
-    threads: int = 8,
-    milvus_max_size: int = 100_000,
-    budget_s: float = 480.0,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Measure both search backends at each size; writes retrieval.json and retrieval.png.
+def _notes(dim: int, milvus_max_size: int, n_milvus_queries: int) -> list[str]:
+    return [f"vectors: {dim}-d, {N_CLUSTERS} clusters in a {LATENT_DIM}-d latent space, isotropic noise "
+            f"{NOISE} of the norm, unit-normalised; filter genre == g07 (1/{N_GENRES} of items)",
+            f"Milvus Lite measured up to {milvus_max_size:,} rows (insert ~2-5k rows/s; 1M would take "
+            f"most of an hour), {n_milvus_queries} queries each (every Lite search costs tens to hundreds of ms)"]
 
-    Returns {"rows": [...], "build": [...], "summary": {...}, "notes": [...]}; each row has
-    backend, size, filtered, p50_ms, p99_ms (batch 1), conc_p50_ms/conc_p99_ms/conc_qps
-    (``threads`` concurrent callers) and recall_at_100 (vs exact inner-product search).
+
+def _measure_sizes(sizes: tuple[int, ...], dim: int, source: VectorSource, rng: np.random.Generator,
+                   queries: np.ndarray, threads: int, n_milvus_queries: int, milvus_max_size: int,
+                   budget_s: float, notes: list[str], say: Progress) -> tuple[list[dict], list[dict]]:
+    """Every size in turn: Milvus Lite + both backends up to milvus_max_size, the in-memory index alone above.
+
+    Returns (rows, build); a size cut short by the time budget adds a line to ``notes``.
     """
-    say = progress or (lambda s: print(s, flush=True))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     deadline = time.perf_counter() + budget_s
-    source = VectorSource(dim, seed)
-    rng = np.random.default_rng(seed + 1)
-    queries = source.sample(n_queries, np.random.default_rng(seed + 2))
     rows: list[dict] = []
     build: list[dict] = []
-    notes = [f"vectors: {dim}-d, {N_CLUSTERS} clusters in a {LATENT_DIM}-d latent space, isotropic noise "
-             f"{NOISE} of the norm, unit-normalised; filter genre == g07 (1/{N_GENRES} of items)",
-             f"Milvus Lite measured up to {milvus_max_size:,} rows (insert ~2-5k rows/s; 1M would take "
-             f"most of an hour), {n_milvus_queries} queries each (every Lite search costs tens to hundreds of ms)"]
     with tempfile.TemporaryDirectory(prefix="fusionrec-bench-") as workdir:
         for size in sizes:
             say(f"size {size:,}")
@@ -281,21 +267,26 @@ def run(
             info["memory_mb_per_100k"] = info["memory_mb"] * 100_000 / max(1, info.get("built", size))
             build.append(info)
             gc.collect()
+    return rows, build
+
+
+def _summary(rows: list[dict]) -> dict[str, float]:
+    """The headline figures: the 100k-item rows, memory backend (and Milvus p99 when measured)."""
     ref = {(r["backend"], r["filtered"]): r for r in rows if r["size"] == 100_000}
-    summary = {}
-    if ("memory", False) in ref:
-        summary = {
-            "retrieval_recall_at_100": ref[("memory", False)]["recall_at_100"],
-            "retrieval_p99_ms": ref[("memory", False)]["p99_ms"],
-            "retrieval_filtered_recall_at_100": ref[("memory", True)]["recall_at_100"],
-            "retrieval_filtered_p99_ms": ref[("memory", True)]["p99_ms"],
-        }
-        if ("milvus", False) in ref:
-            summary["retrieval_milvus_p99_ms"] = ref[("milvus", False)]["p99_ms"]
-    result = {"date": time.strftime("%Y-%m-%d"), "dim": dim, "k": K, "threads": threads,
-              "rows": rows, "build": build, "summary": summary, "notes": notes}
-    (out_dir / "retrieval.json").write_text(json.dumps(result, indent=2))
-    _plot(rows, out_dir / "retrieval.png")
+    if ("memory", False) not in ref:
+        return {}
+    summary = {
+        "retrieval_recall_at_100": ref[("memory", False)]["recall_at_100"],
+        "retrieval_p99_ms": ref[("memory", False)]["p99_ms"],
+        "retrieval_filtered_recall_at_100": ref[("memory", True)]["recall_at_100"],
+        "retrieval_filtered_p99_ms": ref[("memory", True)]["p99_ms"],
+    }
+    if ("milvus", False) in ref:
+        summary["retrieval_milvus_p99_ms"] = ref[("milvus", False)]["p99_ms"]
+    return summary
+
+
+def _report(rows: list[dict], build: list[dict], notes: list[str], say: Progress) -> None:
     say("\nbackend      items filt  batch-1 latency (ms)  | 8 threads")
     for r in rows:
         say(_fmt(r))
@@ -303,6 +294,41 @@ def run(
         say("build: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in b.items()))
     for n in notes:
         say("note: " + n)
+
+
+def run(
+    sizes: tuple[int, ...] = DEFAULT_SIZES,
+    dim: int = DEFAULT_DIM,
+    out_dir: Path | None = None,  # None: fusionrec.core.paths.results_dir()
+    progress: Progress | None = None,  # None: print to stdout
+    *,
+    n_queries: int = 200,
+    n_milvus_queries: int = 40,
+    threads: int = 8,
+    milvus_max_size: int = 100_000,
+    budget_s: float = 480.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Measure both search backends at each size; writes retrieval.json and retrieval.png.
+
+    Returns {"rows": [...], "build": [...], "summary": {...}, "notes": [...]}; each row has
+    backend, size, filtered, p50_ms, p99_ms (batch 1), conc_p50_ms/conc_p99_ms/conc_qps
+    (``threads`` concurrent callers) and recall_at_100 (vs exact inner-product search).
+    """
+    say = progress or (lambda s: print(s, flush=True))
+    out_dir = results_dir() if out_dir is None else Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = VectorSource(dim, seed)
+    rng = np.random.default_rng(seed + 1)
+    queries = source.sample(n_queries, np.random.default_rng(seed + 2))
+    notes = _notes(dim, milvus_max_size, n_milvus_queries)
+    rows, build = _measure_sizes(sizes, dim, source, rng, queries, threads, n_milvus_queries, milvus_max_size,
+                                 budget_s, notes, say)
+    result = {"date": time.strftime("%Y-%m-%d"), "dim": dim, "k": K, "threads": threads,
+              "rows": rows, "build": build, "summary": _summary(rows), "notes": notes}
+    (out_dir / "retrieval.json").write_text(json.dumps(result, indent=2))
+    _plot(rows, out_dir / "retrieval.png")
+    _report(rows, build, notes, say)
     return result
 
 

@@ -15,10 +15,11 @@ from fusionrec.bench.floor import build_floor_app
 from fusionrec.bench.latency import system_memory_mb
 from fusionrec.cli.client import Client
 from fusionrec.gateway.config import load_serve_file
-from fusionrec.gateway.runtime import start, stop
+from fusionrec.gateway.runtime import Running, start, stop
 from fusionrec.cli.sample_catalog import generate_catalog
 
 Log = Callable[[str], None]
+Progress = Callable[[str, int], Callable[[int], None]]  # (label, total) -> update(k)
 
 
 def user_requests(users: list[str], k: int = 10) -> list[pb.RecommendRequest]:
@@ -51,10 +52,74 @@ def run_floor(config: Path, users: list[str], levels: tuple[int, ...], duration_
         stop()
 
 
+def _cold_start(config: Path, db_path: Path, log: Log) -> tuple[Running, Client, float]:
+    """Start the real app on a fresh store; the time until its first answer (Ray + models + one upsert)."""
+    t0 = time.monotonic()
+    running = start(config, overrides={"server": {"port": 0}, "store": {"uri": str(db_path)}})
+    client = Client(running.target)
+    client.stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.ItemInput(item_id="first", content=pb.Content(text="hello"))]))
+    client.stub.Recommend(pb.RecommendRequest(query=pb.Content(text="hello"), k=1), timeout=30)
+    cold_start_s = time.monotonic() - t0
+    log(f"cold start (Ray + models + first answer): {cold_start_s:.1f} s")
+    return running, client, cold_start_s
+
+
+def _seed(running: Running, client: Client, n_items: int, n_users: int,
+          progress: Progress | None) -> tuple[list[str], dict[str, int], float]:
+    """Seed n_items synthetic items and n_users users: (user ids, modality dims, items/s)."""
+    t1 = time.monotonic()
+    dims = dict(retrieval_info(running.app_name)["modality_dims"])
+    users = seed.seed_catalog(client, n_items, n_users, dims, running.info["encoder_versions"],
+                              progress=progress("seed items", n_items) if progress else None)
+    return users, dims, n_items / (time.monotonic() - t1)
+
+
+def _recommend_curves(target: str, users: list[str], inputs: dict[str, list], levels: tuple[int, ...],
+                      duration_s: float, log: Log) -> tuple[list[load.LevelResult], list[load.LevelResult]]:
+    """Closed-loop Recommend load: by user, then the mixed by-user / content-query traffic."""
+    by_user = load.closed_loop(target, [("by_user", user_requests(users), 1.0)], list(levels), duration_s)
+    _table("recommend by_user", by_user, log)
+    mixed = load.closed_loop(target, mixed_requests(users, inputs), list(levels), duration_s)
+    _table("recommend mixed", mixed, log)
+    return by_user, mixed
+
+
+def _headline(by_user: list[load.LevelResult], mixed: list[load.LevelResult], floor: list[load.LevelResult],
+              efficiency: dict[str, dict]) -> dict:
+    """summary.json's figures: peak and knee of Recommend, its ratio to the floor, encode efficiency, curves."""
+    best, best_floor, knee = load.peak(by_user), load.peak(floor), load.knee(by_user)
+    return {
+        "recommend_qps": best.qps, "recommend_p99_ms": best.p99_ms, "recommend_peak_concurrency": best.concurrency,
+        "recommend_knee": {"concurrency": knee.concurrency, "qps": knee.qps, "p99_ms": knee.p99_ms,
+                           "definition": "lowest concurrency reaching 90% of peak throughput"},
+        "floor_qps": best_floor.qps, "floor_p99_ms": best_floor.p99_ms,
+        "recommend_to_floor_qps": best.qps / best_floor.qps, "recommend_to_floor_p99": best.p99_ms / best_floor.p99_ms,
+        "encode_efficiency": {m: v["efficiency"] for m, v in efficiency.items()},
+        "encode": efficiency,
+        "curves": {"recommend_by_user": load.as_dicts(by_user), "recommend_mixed": load.as_dicts(mixed),
+                   "floor_by_user": load.as_dicts(floor)},
+    }
+
+
+def _plots(by_user: list[load.LevelResult], mixed: list[load.LevelResult], floor: list[load.LevelResult],
+           efficiency: dict[str, dict], out_dir: Path, n_items: int) -> None:
+    load.plot_curves({"recommend by user": by_user, "recommend mixed": mixed, "floor (no-op deployments)": floor},
+                     out_dir / "recommend.png", f"Recommend over {n_items:,} items vs the Serve floor")
+    encode.plot(efficiency, out_dir / "encode.png")
+
+
+def _retrieval(sizes: tuple[int, ...], out_dir: Path) -> dict:
+    """Retrieval in isolation, both backends: the full result under "retrieval", plus its headline figures."""
+    from fusionrec.bench import retrieval
+
+    rr = retrieval.run(sizes=sizes, out_dir=out_dir)
+    return {"retrieval": rr, **retrieval.headline(rr)}
+
+
 def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int = 1000,
               levels: tuple[int, ...] = (1, 2, 4, 8, 16, 32), duration_s: float = 8.0,
               encode_items: dict[str, int] | None = None, retrieval_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
-              log: Log = print, progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict:
+              log: Log = print, progress: Progress | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     # ~5-8 s per timed pass: shorter ones (audio at 192 items: ~1.5 s) moved the ratio by +-0.3 run to run
     encode_items = encode_items or {"text": 1024, "image": 128, "audio": 576}
@@ -72,51 +137,22 @@ def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int 
         _table("floor by_user", floor, log)
 
         # 2. The real app: cold start, 100k synthetic items, load, serving efficiency, memory.
-        t0 = time.monotonic()
-        running = start(config, overrides={"server": {"port": 0}, "store": {"uri": str(work / "bench.db")}})
-        client = Client(running.target)
-        client.stub.UpsertItems(pb.UpsertItemsRequest(items=[pb.ItemInput(item_id="first", content=pb.Content(text="hello"))]))
-        client.stub.Recommend(pb.RecommendRequest(query=pb.Content(text="hello"), k=1), timeout=30)
-        summary["cold_start_s"] = time.monotonic() - t0
-        log(f"cold start (Ray + models + first answer): {summary['cold_start_s']:.1f} s")
+        running, client, summary["cold_start_s"] = _cold_start(config, work / "bench.db", log)
         try:
-            t1 = time.monotonic()
-            dims = dict(retrieval_info(running.app_name)["modality_dims"])
-            users = seed.seed_catalog(client, n_items, n_users, dims, running.info["encoder_versions"],
-                                      progress=progress("seed items", n_items) if progress else None)
-            summary["seed_items_per_s"] = n_items / (time.monotonic() - t1)
-            by_user = load.closed_loop(running.target, [("by_user", user_requests(users), 1.0)], list(levels), duration_s)
-            _table("recommend by_user", by_user, log)
-            mixed = load.closed_loop(running.target, mixed_requests(users, inputs), list(levels), duration_s)
-            _table("recommend mixed", mixed, log)
+            users, dims, summary["seed_items_per_s"] = _seed(running, client, n_items, n_users, progress)
+            by_user, mixed = _recommend_curves(running.target, users, inputs, levels, duration_s, log)
             summary["memory"] = system_memory_mb()
             efficiency = encode.efficiency(running.target, app_cfg, inputs, encode_items, dims,
                                            running.info["encoder_versions"], log)
         finally:
             stop()
 
-    best, best_floor, knee = load.peak(by_user), load.peak(floor), load.knee(by_user)
-    summary.update({
-        "recommend_qps": best.qps, "recommend_p99_ms": best.p99_ms, "recommend_peak_concurrency": best.concurrency,
-        "recommend_knee": {"concurrency": knee.concurrency, "qps": knee.qps, "p99_ms": knee.p99_ms,
-                           "definition": "lowest concurrency reaching 90% of peak throughput"},
-        "floor_qps": best_floor.qps, "floor_p99_ms": best_floor.p99_ms,
-        "recommend_to_floor_qps": best.qps / best_floor.qps, "recommend_to_floor_p99": best.p99_ms / best_floor.p99_ms,
-        "encode_efficiency": {m: v["efficiency"] for m, v in efficiency.items()},
-        "encode": efficiency,
-        "curves": {"recommend_by_user": load.as_dicts(by_user), "recommend_mixed": load.as_dicts(mixed),
-                   "floor_by_user": load.as_dicts(floor)},
-    })
-    load.plot_curves({"recommend by user": by_user, "recommend mixed": mixed, "floor (no-op deployments)": floor},
-                     out_dir / "recommend.png", f"Recommend over {n_items:,} items vs the Serve floor")
-    encode.plot(efficiency, out_dir / "encode.png")
+    summary.update(_headline(by_user, mixed, floor, efficiency))
+    _plots(by_user, mixed, floor, efficiency, out_dir, n_items)
 
     # 3. Retrieval in isolation, both backends.
     if retrieval_sizes:
-        from fusionrec.bench import retrieval
-        rr = retrieval.run(sizes=retrieval_sizes, out_dir=out_dir)
-        summary["retrieval"] = rr
-        summary.update(retrieval.headline(rr))
+        summary.update(_retrieval(retrieval_sizes, out_dir))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from fusionrec.core.paths import default_config, demo_dir, shared_path
 from fusionrec.v1 import recommender_pb2 as pb
-from fusionrec.cli.client import Client, catalog_batches, interaction_to_pb, read_jsonl
+from fusionrec.cli.catalog import catalog_batches, interaction_to_pb, read_jsonl
+from fusionrec.cli.client import Client
 from fusionrec.gateway.convert import value_to_pb
 
 app = typer.Typer(help="fusionrec: multimodal recommendation served over gRPC.", no_args_is_help=True)

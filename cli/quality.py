@@ -12,7 +12,7 @@ quality_app = typer.Typer(help="Offline training and evaluation of the fusion mo
 
 @quality_app.command()
 def train(dataset: str = typer.Option("lfm2k", help="lfm2k or ml-100k."),
-          variant: str = typer.Option("full", help="Variant name (fusionrec.fusion.train.variants.VARIANTS)."),
+          variant: str = typer.Option("full", help="Variant name (fusionrec.fusion.train.config.VARIANTS)."),
           seed: int = typer.Option(0, help="Random seed (an ensemble's nets train under seeds derived from it)."),
           members: int = typer.Option(0, help="Nets in the served ensemble (0 = the variant's default)."),
           epochs: int = typer.Option(200, help="Max epochs (early stopping on valid Recall@20 usually ends sooner)."),
@@ -22,9 +22,9 @@ def train(dataset: str = typer.Option("lfm2k", help="lfm2k or ml-100k."),
           ) -> None:
     """Train one variant (every net of its ensemble), keep each net's best-on-valid epoch, write a versioned
     checkpoint + metrics json."""
+    from fusionrec.fusion.train.config import get_variant
     from fusionrec.fusion.train.data import load_dataset
     from fusionrec.fusion.train.quality import ensemble_run, member_specs, run_jobs
-    from fusionrec.fusion.train.variants import get_variant
 
     spec = get_variant(variant)
     data = load_dataset(dataset)  # builds the text cache once, before workers start

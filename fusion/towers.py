@@ -7,6 +7,8 @@ from torch import nn
 from torch.nn import functional as F
 
 ID_PART = "id"
+#: Newest events a user tower reads (long MovieLens users would otherwise dominate memory); training pads to it.
+MAX_HISTORY = 256
 
 
 class ItemTower(nn.Module):

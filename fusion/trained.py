@@ -20,8 +20,7 @@ import torch
 from fusionrec.fusion.base import FusionModel
 from fusionrec.fusion.checkpoint import load_checkpoint
 from fusionrec.fusion.cold import ColdStart
-from fusionrec.fusion.towers import ID_PART, ItemTower, UserTower
-from fusionrec.fusion.train.training import MAX_HISTORY
+from fusionrec.fusion.towers import ID_PART, MAX_HISTORY, ItemTower, UserTower
 
 log = logging.getLogger("fusionrec.fusion")
 

@@ -15,9 +15,8 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from fusionrec.gateway.config import AppConfig, DeploymentConfig
-from fusionrec.gateway.deployments import (EncoderDeployment, FusionDeployment, RetrievalDeployment,
-                                 encoder_deployment_name, settle_heap)
+from fusionrec.gateway.config import AppConfig, BatchConfig, FusionConfig, encoder_deployment_name
+from fusionrec.gateway.deployments import EncoderDeployment, FusionDeployment, RetrievalDeployment, settle_heap
 from fusionrec.gateway.pipeline import Recommender
 from fusionrec.gateway.server import create_server, set_serving
 from fusionrec.gateway.service import RecommenderServicer
@@ -64,34 +63,47 @@ class Gateway:
         await self.server.stop(self.config.server.grace_period_s)
 
 
-def _options(dep: DeploymentConfig, name: str, batching: bool = False) -> dict[str, Any]:
-    opts = dep.serve_options() | {"name": name}
-    if batching:
-        opts["user_config"] = {"max_batch_size": dep.max_batch_size, "batch_wait_timeout_s": dep.batch_wait_timeout_s}
-    return opts
+#: Code defaults of every deployment's options. A Serve config's `deployments:` list overrides any of
+#: them by name (Serve merges the two; `serve run`/`serve deploy` apply it, and so does
+#: `deployment_options` for the benchmarks' imperative apps). Fractional CPUs: Serve's default of one
+#: CPU per replica leaves replicas STARTING forever on 2 cores.
+DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
+    "Gateway": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 1024},
+    "Fusion": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 256,
+               "user_config": FusionConfig().model_dump()},
+    "Retrieval": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 256},
+}
+ENCODER_OPTIONS: dict[str, Any] = {
+    "ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 64,
+    "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
+                           "upscale_delay_s": 1.0, "downscale_delay_s": 5.0},
+    "user_config": BatchConfig().model_dump(),
+}
+
+
+def deployment_options(name: str, overrides: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Options for Deployment.options(): the code defaults, then the Serve config's override of
+    ``name`` if any, merged per top-level key as Serve merges them."""
+    options = dict(DEFAULT_OPTIONS.get(name, ENCODER_OPTIONS)) | {"name": name}
+    for override in overrides or []:
+        if override.get("name") == name:
+            options |= override
+    return options
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Typed app builder: `args` is an AppConfig as a dict (the `args` block of deploy/*.yaml)."""
+    """Typed app builder: `args` is an AppConfig as a dict (the `args` block of deploy/*.yaml);
+    deployment settings come from the config's `deployments:` list, applied by Serve."""
     cfg = AppConfig.model_validate(args)
     if cfg.store.is_lite:  # replicas do not share the caller's working directory
         cfg.store.uri = str(Path(cfg.store.uri).expanduser().resolve())
         os.makedirs(Path(cfg.store.uri).parent, exist_ok=True)
-    deployments = cfg.deployments
-    encoders = {}
-    for modality, enc in cfg.encoders.items():
-        dep: DeploymentConfig = getattr(deployments, f"{modality}_encoder")
-        options = dict(enc.options)
-        if dep.num_gpus > 0:
-            options.setdefault("device", "cuda")
-        encoders[modality] = EncoderDeployment.options(**_options(dep, encoder_deployment_name(modality), True)).bind(
-            modality, enc.model_copy(update={"options": options}).model_dump())
-    fusion = FusionDeployment.options(**_options(deployments.fusion, "Fusion") | {"user_config": cfg.fusion.model_dump()}
-                                      ).bind(encoders, cfg.precomputed_modalities)
-    retrieval = RetrievalDeployment.options(**_options(deployments.retrieval, "Retrieval")).bind(
+    encoders = {m: EncoderDeployment.options(**deployment_options(encoder_deployment_name(m))).bind(m, enc.model_dump())
+                for m, enc in cfg.encoders.items()}
+    fusion = FusionDeployment.options(**deployment_options("Fusion")).bind(encoders, cfg.precomputed_modalities)
+    retrieval = RetrievalDeployment.options(**deployment_options("Retrieval")).bind(
         cfg.store.model_dump(), encoders, fusion, cfg.precomputed_modalities)
-    return Gateway.options(**_options(deployments.gateway, "Gateway")).bind(
-        gateway_args(cfg), encoders, fusion, retrieval)
+    return Gateway.options(**deployment_options("Gateway")).bind(gateway_args(cfg), encoders, fusion, retrieval)
 
 
 def gateway_args(cfg: AppConfig) -> dict[str, Any]:

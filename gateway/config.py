@@ -45,58 +45,16 @@ class EncoderConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the encoder class.")
 
 
-class DeploymentConfig(_Strict):
-    """Serve settings of one deployment."""
+class BatchConfig(_Strict):
+    """An encoder deployment's ``user_config``: @serve.batch settings, applied without a restart."""
 
-    num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per replica; fractional, since 2 cores must hold the whole app.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractional allowed).")
-    min_replicas: int = Field(1, ge=0, description="Autoscaling floor (equal to max_replicas: fixed count, no autoscaling).")
-    max_replicas: int = Field(1, ge=1, description="Autoscaling ceiling.")
-    target_ongoing_requests: float = Field(
-        2.0, gt=0, description="Autoscaling target per replica; batching encoders want it high enough for batches to form.")
-    upscale_delay_s: float = Field(1.0, ge=0, description="How long demand must stay above target before adding a replica.")
-    downscale_delay_s: float = Field(5.0, ge=0, description="How long demand must stay below target before removing one.")
-    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica takes at once (batches form from these).")
-    max_batch_size: int = Field(32, ge=1, description="@serve.batch size (encoders only).")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch wait (encoders only).")
-
-    @model_validator(mode="after")
-    def _replicas_ordered(self) -> "DeploymentConfig":
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("min_replicas must be <= max_replicas")
-        return self
-
-    def serve_options(self) -> dict[str, Any]:
-        """Keyword arguments for Deployment.options()."""
-        opts: dict[str, Any] = {
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
-            "max_ongoing_requests": self.max_ongoing_requests,
-        }
-        if self.min_replicas == self.max_replicas:
-            opts["num_replicas"] = self.min_replicas
-        else:
-            opts["autoscaling_config"] = {
-                "min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-                "target_ongoing_requests": self.target_ongoing_requests,
-                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
-            }
-        return opts
-
-
-def _encoder_deployment() -> DeploymentConfig:
-    return DeploymentConfig(num_cpus=0.25, max_replicas=2)
-
-
-class DeploymentsConfig(_Strict):
-    gateway: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, max_ongoing_requests=1024))
-    text_encoder: DeploymentConfig = Field(default_factory=_encoder_deployment)
-    image_encoder: DeploymentConfig = Field(default_factory=_encoder_deployment)
-    audio_encoder: DeploymentConfig = Field(default_factory=_encoder_deployment)
-    fusion: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, max_ongoing_requests=256))
-    retrieval: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, max_ongoing_requests=256))
+    max_batch_size: int = Field(32, ge=1, description="Most inputs per encoder batch.")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill.")
 
 
 class FusionConfig(_Strict):
+    """The Fusion deployment's ``user_config``: which fusion model to serve (hot-swapped on change)."""
+
     name: str = Field("weighted-v0", description="Registry name (fusionrec.fusion.registry.FUSION_MODELS).")
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the fusion model.")
 
@@ -113,7 +71,7 @@ class StoreConfig(_Strict):
         default_factory=dict, description="In-memory index knobs: m, ef_construction, ef_search, ef_max, exact_max_rows.")
     flush_every_rows: int | None = Field(
         None, ge=0, description="Flush a Milvus Lite collection after this many written rows (rows are durable in "
-                                "its WAL before that); None = auto (see gateway/store/lite.py), 0 = never.")
+                                "its WAL before that); None = auto (see retrieval/lite.py), 0 = never.")
 
     @property
     def is_lite(self) -> bool:
@@ -121,7 +79,10 @@ class StoreConfig(_Strict):
 
 
 class AppConfig(_Strict):
-    """Everything `fusionrec.gateway.app:build_app` needs; the `args` block of deploy/*.yaml."""
+    """The `args` block of deploy/*.yaml: what `fusionrec.gateway.app:build_app` needs that is not a
+    deployment setting. Replicas, resources, autoscaling and each deployment's `user_config` (encoder
+    batching, the fusion model) are Serve's own `deployments:` overrides, so changing one deployment's
+    settings updates that deployment only (Serve hashes `args` into every deployment's version)."""
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
@@ -135,9 +96,7 @@ class AppConfig(_Strict):
     )
     precomputed_modalities: dict[str, int] = Field(
         default_factory=dict, description="Extra bring-your-own modalities: name -> vector dim.")
-    fusion: FusionConfig = Field(default_factory=FusionConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
-    deployments: DeploymentsConfig = Field(default_factory=DeploymentsConfig)
 
     @model_validator(mode="after")
     def _check_modalities(self) -> "AppConfig":
@@ -147,9 +106,6 @@ class AppConfig(_Strict):
         clash = set(self.precomputed_modalities) & set(MODALITIES)
         if clash:
             raise ValueError(f"precomputed modalities {sorted(clash)} clash with encoder modalities")
-        if self.deployments.retrieval.max_replicas > 1 and self.store.is_lite:
-            raise ValueError("Milvus Lite allows one owner process: retrieval.max_replicas must be 1 "
-                             "unless store.uri points at a Milvus server")
         return self
 
 
@@ -163,12 +119,62 @@ class ServeFile(BaseModel):
     logging_config: dict[str, Any] = Field(default_factory=dict)
     applications: list[dict[str, Any]]
 
+    @model_validator(mode="after")
+    def _check_deployments(self) -> "ServeFile":
+        check_deployment_overrides(self.app_config(), self.deployments)
+        return self
+
     @property
     def app_name(self) -> str:
         return self.applications[0].get("name", "fusionrec")
 
+    @property
+    def deployments(self) -> list[dict[str, Any]]:
+        """The first application's Serve `deployments:` overrides."""
+        return list(self.applications[0].get("deployments") or [])
+
     def app_config(self) -> AppConfig:
         return AppConfig.model_validate(self.applications[0].get("args") or {})
+
+
+def encoder_deployment_name(modality: str) -> str:
+    return f"{modality.capitalize()}Encoder"
+
+
+def deployment_names(cfg: AppConfig) -> list[str]:
+    """Every deployment `build_app` creates for ``cfg``."""
+    return ["Gateway", *(encoder_deployment_name(m) for m in cfg.encoders), "Fusion", "Retrieval"]
+
+
+def _max_replicas(override: dict[str, Any]) -> int:
+    if override.get("num_replicas") not in (None, "auto"):
+        return int(override["num_replicas"])
+    return int((override.get("autoscaling_config") or {}).get("max_replicas", 1))
+
+
+def check_deployment_overrides(cfg: AppConfig, overrides: list[dict[str, Any]]) -> None:
+    """ValueError for an override Serve would silently ignore or that cannot work: an unknown
+    deployment name or option, a `user_config` the deployment would refuse, or several Retrieval
+    replicas on a Milvus Lite file (one owner process)."""
+    from ray.serve.config import AutoscalingConfig  # Serve's own schemas: what Serve would accept
+    from ray.serve.schema import DeploymentSchema
+
+    known = deployment_names(cfg)
+    for override in overrides:
+        name = override.get("name")
+        if name not in known:
+            raise ValueError(f"deployments: unknown deployment {name!r}; this app has {known}")
+        unknown = set(override) - set(DeploymentSchema.model_fields)
+        if unknown:
+            raise ValueError(f"deployments[{name}]: unknown options {sorted(unknown)}")
+        DeploymentSchema.model_validate(override)
+        if isinstance(override.get("autoscaling_config"), dict):
+            AutoscalingConfig.model_validate(override["autoscaling_config"])
+        if "user_config" in override:
+            (FusionConfig if name == "Fusion" else BatchConfig).model_validate(override["user_config"])
+        if name == "Retrieval" and _max_replicas(override) > 1 and cfg.store.is_lite:
+            raise ValueError("Milvus Lite allows one owner process: Retrieval must keep one replica "
+                             "unless store.uri points at a Milvus server")
 
 
 def load_serve_file(path: str | Path) -> ServeFile:

@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import threading
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -16,10 +16,11 @@ from ray.serve.handle import DeploymentHandle
 from fusionrec.encoders.base import InvalidContent
 from fusionrec.encoders.registry import get_encoder
 from fusionrec.fusion.registry import get_fusion_model
-from fusionrec.gateway.config import AppConfig, EncoderConfig, FusionConfig, StoreConfig
-from fusionrec.core.errors import FailedPrecondition, InvalidArgument, NotFound
-from fusionrec.gateway.domain import Ranked, RecommendQuery
+from fusionrec.gateway.config import BatchConfig, EncoderConfig, FusionConfig, StoreConfig
+from fusionrec.core.errors import FailedPrecondition
 from fusionrec.retrieval.base import InteractionEvent, StoredItem, StoreSchema
+from fusionrec.retrieval.engine import RetrievalEngine
+from fusionrec.retrieval.query import Ranked, RecommendQuery
 
 log = logging.getLogger("ray.serve")  # lands in the replica log files
 
@@ -51,8 +52,9 @@ class EncoderDeployment:
         settle_heap()
 
     def reconfigure(self, user_config: dict) -> None:
-        self._encode_batch.set_max_batch_size(int(user_config.get("max_batch_size", 32)))
-        self._encode_batch.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", 0.005)))
+        cfg = BatchConfig.model_validate(user_config)  # typed: a misspelt key fails the deploy
+        self._encode_batch.set_max_batch_size(cfg.max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
     def info(self) -> dict[str, Any]:
         e = self.encoder
@@ -142,36 +144,32 @@ class FusionDeployment:
                      version: str | None = None) -> np.ndarray:
         return self._model(version).item_vectors(items, item_ids)
 
-    def user_vector(self, history: np.ndarray, query: dict[str, np.ndarray], version: str | None = None) -> np.ndarray:
-        return self._model(version).user_vector(history, query)
-
-    def contributions(self, user: np.ndarray, items: np.ndarray, version: str | None = None) -> dict[str, np.ndarray]:
-        return self._model(version).contributions(user, items)
 
 
 @serve.deployment
 class RetrievalDeployment:
-    """The only owner of the Milvus data: items, vectors, attributes and interaction history."""
+    """The only owner of the Milvus data: serves a RetrievalEngine (retrieval/engine.py).
+
+    Learns dims and versions from the encoder and Fusion deployments, scores with a copy of the
+    fusion model pulled from Fusion (which owns loading and hot-swapping), and keeps the heap
+    settled for serving.
+    """
 
     async def __init__(self, config: dict, encoders: dict[str, DeploymentHandle], fusion: DeploymentHandle,
                        precomputed: dict[str, int]) -> None:
         self.fusion = fusion
-        from fusionrec.retrieval.milvus import MilvusStore  # pymilvus loads only in this replica
-
         cfg = StoreConfig.model_validate(config)
         dims, versions = await _modality_dims(encoders, precomputed)
         fusion_info = await fusion.info.remote()
-        self.schema = StoreSchema(modality_dims=dims, fused_dim=fusion_info["dim"],
-                                  encoder_versions=versions, model_version=fusion_info["version"])
-        self.store = await asyncio.to_thread(
-            MilvusStore, cfg.uri, self.schema, items_collection=cfg.items_collection,
-            interactions_collection=cfg.interactions_collection, token=cfg.token,
-            search_backend=cfg.search_backend, index_params=cfg.index_params, accept_stored_model=True,
-            flush_every_rows=cfg.flush_every_rows)
-        self.schema = self.store.schema
-        self._lock = threading.RLock()  # one client call at a time: Milvus Lite is single-threaded
+        schema = StoreSchema(modality_dims=dims, fused_dim=fusion_info["dim"],
+                             encoder_versions=versions, model_version=fusion_info["version"])
+        self.engine = await asyncio.to_thread(
+            RetrievalEngine.open, cfg.uri, schema, token=cfg.token, items_collection=cfg.items_collection,
+            interactions_collection=cfg.interactions_collection, search_backend=cfg.search_backend,
+            index_params=cfg.index_params, flush_every_rows=cfg.flush_every_rows)
         self._models: dict[str, Any] = {}
         self._unsettled = 0  # items written since the last settle_heap()
+        self._settle_lock = threading.Lock()
         if self.schema.model_version != fusion_info["version"]:
             # Stored fused vectors come from another fusion model: rebuild them from the stored
             # modality vectors before serving (no re-encoding).
@@ -181,47 +179,41 @@ class RetrievalDeployment:
         else:
             settle_heap()
 
+    @property
+    def schema(self) -> StoreSchema:
+        return self.engine.schema
+
     def info(self) -> dict[str, Any]:
         return asdict(self.schema)
 
     def check_health(self) -> None:
-        with self._lock:
-            self.store.count()
+        self.engine.count()
 
     def count(self) -> int:
-        with self._lock:
-            return self.store.count()
+        return self.engine.count()
 
     def upsert(self, items: list[StoredItem]) -> int:
-        with self._lock:
-            self.store.upsert(items)
-            self._unsettled += len(items)
+        n = self.engine.upsert(items)
+        with self._settle_lock:
+            self._unsettled += n
             if self._unsettled >= SETTLE_EVERY_ITEMS:  # bulk loads: freeze what they built, amortised
                 settle_heap()
                 self._unsettled = 0
-        return len(items)
+        return n
 
     def delete(self, item_ids: list[str]) -> list[str]:
-        with self._lock:
-            return self.store.delete(item_ids)
+        return self.engine.delete(item_ids)
 
     def get(self, item_ids: list[str]) -> dict[str, StoredItem]:
-        with self._lock:
-            return self.store.get(item_ids)
+        return self.engine.get(item_ids)
 
     def fused_vectors(self, item_ids: list[str]) -> tuple[list[str], np.ndarray]:
         """Known ids among item_ids (order kept) and their (n, fused_dim) vectors."""
-        with self._lock:
-            found = self.store.fused(item_ids)
-        ids = [i for i in item_ids if i in found]
-        vecs = np.stack([found[i] for i in ids]) if ids else np.zeros((0, self.schema.fused_dim), np.float32)
-        return ids, vecs
+        return self.engine.fused_vectors(item_ids)
 
     def history_vectors(self, user_id: str, limit: int) -> tuple[list[str], np.ndarray]:
         """The user's recent item ids (oldest first) and their fused vectors."""
-        with self._lock:
-            events = self.store.history(user_id, limit)
-        return self.fused_vectors([e.item_id for e in events])
+        return self.engine.history_vectors(user_id, limit)
 
     async def recommend(self, q: RecommendQuery, query: dict[str, np.ndarray], model_version: str,
                         history_limit: int) -> Ranked | None:
@@ -234,26 +226,7 @@ class RetrievalDeployment:
         if model_version != self.schema.model_version:
             return None
         model = await self._scoring_model(model_version)
-        with self._lock:
-            if q.history_item_ids:
-                history_ids, history = self.fused_vectors(q.history_item_ids)
-            elif q.user_id:
-                history_ids, history = self.history_vectors(q.user_id, history_limit)
-            else:
-                history_ids, history = [], np.zeros((0, model.dim), np.float32)
-            if not len(history) and not query:
-                raise NotFound(f"user {q.user_id!r} has no recorded interactions and the request carries "
-                               "no usable history or query content; send history_item_ids or query content")
-            try:
-                user = model.user_vector(history, query)
-            except ValueError as err:  # e.g. a query only in modalities this model was not trained on
-                raise InvalidArgument(f"fusion model {model_version} cannot use this request: {err}") from None
-            exclude = set(q.exclude_item_ids) | (set() if q.include_seen else set(history_ids))
-            candidates = self.store.search(user, q.k, q.filters, exclude)
-        if not candidates:
-            return Ranked([], [], {}, bool(len(history)))
-        fused = np.stack([c.fused for c in candidates])
-        return Ranked(candidates, (fused @ user).tolist(), model.contributions(user, fused), bool(len(history)))
+        return self.engine.recommend(q, query, model, history_limit)
 
     async def _scoring_model(self, version: str):
         if version not in self._models:
@@ -267,36 +240,18 @@ class RetrievalDeployment:
         if info["version"] == self.schema.model_version:
             return {"model_version": info["version"], "items": 0, "changed": False}
         model = await self.fusion.model.remote(info["version"])
-
-        def fused_for(batch: list[StoredItem]) -> np.ndarray:
-            return model.item_vectors([b.modality_vectors for b in batch], [b.item_id for b in batch])
-
-        new_schema = replace(self.schema, fused_dim=info["dim"], model_version=info["version"])
-        # In a worker thread and without self._lock: searches keep reading the old vectors until
-        # the store switches; writes wait on the store's own write lock.
-        n = await asyncio.to_thread(self.store.reindex, new_schema, fused_for, batch_size)
-        self.schema = new_schema
+        # In a worker thread: searches keep reading the old vectors until the store switches.
+        n = await asyncio.to_thread(self.engine.reindex, model, batch_size)
         settle_heap()
         return {"model_version": info["version"], "items": n, "changed": True}
 
     def record_interactions(self, events: list[InteractionEvent]) -> int:
-        with self._lock:
-            known = self.store.fused(sorted({e.item_id for e in events}))
-            missing = sorted({e.item_id for e in events} - set(known))
-            if missing:
-                raise NotFound(f"interactions name unknown items {missing[:10]}; upsert them first "
-                               "(nothing from this batch was recorded)")
-            self.store.record_interactions(events)
-        return len(events)
+        return self.engine.record_interactions(events)
 
     def __del__(self) -> None:
-        store = getattr(self, "store", None)
-        if store is not None:
-            store.close()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
 
 
-def encoder_deployment_name(modality: str) -> str:
-    return f"{modality.capitalize()}Encoder"
-
-
-__all__ = ["EncoderDeployment", "FusionDeployment", "RetrievalDeployment", "encoder_deployment_name", "AppConfig"]
+__all__ = ["EncoderDeployment", "FusionDeployment", "RetrievalDeployment", "settle_heap"]

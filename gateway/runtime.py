@@ -52,14 +52,14 @@ class Running:
 
 def start(config_path: str | Path | None = None, ray_address: str | None = None,
           overrides: dict[str, Any] | None = None, num_cpus: int | None = None,
-          builder: Callable[[dict[str, Any]], Any] | None = None) -> Running:
+          builder: Callable[[dict[str, Any], list[dict[str, Any]]], Any] | None = None) -> Running:
     """Connect to (or start) Ray, deploy the app, and wait until health is SERVING.
 
-    overrides: merged into the app's `args` (e.g. {"server": {"port": 0}, "store": {"uri": ...}});
-        a "fusion" key replaces the Fusion deployment's `user_config` (the fusion model).
-    builder: deploy `builder(args)` imperatively instead (benchmarks' no-op apps); without it the
-        config goes through Serve's declarative path, as `serve run deploy/local.yaml` would, so
-        that a later `redeploy` with a new fusion model reconfigures Fusion in place.
+    overrides: see `render_config`.
+    builder: deploy `builder(args, deployments)` imperatively instead (benchmarks' no-op apps; it
+        applies the config's `deployments:` list itself); without it the config goes through Serve's
+        declarative path, as `serve run deploy/local.yaml` would, so that a later `redeploy`
+        updates only the deployments whose settings changed.
     """
     import ray
     from ray import serve
@@ -76,31 +76,45 @@ def start(config_path: str | Path | None = None, ray_address: str | None = None,
     if not ray.is_initialized():
         ray.init(address=ray_address, num_cpus=None if ray_address else num_cpus,
                  include_dashboard=False, log_to_driver=False, namespace="fusionrec")
+    config = render_config(config_path, overrides)
     if builder is None:
-        _deploy_config(render_config(config_path, overrides))
+        _deploy_config(config)
         handle = serve.get_app_handle(serve_file.app_name)
     else:
-        args = _merge(serve_file.applications[0].get("args") or {}, overrides or {})
+        app = config["applications"][0]
         serve.start(proxy_location=serve_file.proxy_location, http_options=serve_file.http_options or None,
                     logging_config=serve_file.logging_config or None)
-        handle = serve.run(builder(args), name=serve_file.app_name, route_prefix=None,
-                           logging_config=serve_file.logging_config or None)
+        handle = serve.run(builder(app.get("args") or {}, app.get("deployments") or []), name=serve_file.app_name,
+                           route_prefix=None, logging_config=serve_file.logging_config or None)
     info = call_handle(handle, "ready", timeout_s=600)
     return Running(app_name=serve_file.app_name, host=info["host"], port=info["port"],
                    startup_s=time.monotonic() - t0, info=info)
 
 
 def render_config(config_path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The Serve config file with overrides applied (see `start`), as a dict."""
+    """The Serve config file with overrides applied, as a dict, checked like the file itself.
+
+    overrides: merged into the app's `args` (e.g. {"server": {"port": 0}, "store": {"uri": ...}}),
+        except two keys: "deployments" (deployment name -> options, each option replacing the one in
+        that deployment's `deployments:` entry) and "fusion" (replaces the Fusion `user_config`,
+        the fusion model).
+    """
+    from fusionrec.gateway.config import ServeFile
+
     with open(config_path) as fh:
         config = yaml.safe_load(fh)
     overrides = dict(overrides or {})
+    changes = {name: dict(options) for name, options in (overrides.pop("deployments", None) or {}).items()}
     fusion = overrides.pop("fusion", None)
+    if fusion is not None:
+        changes.setdefault("Fusion", {})["user_config"] = fusion
     app = config["applications"][0]
     app["args"] = _merge(app.get("args") or {}, overrides)
-    if fusion is not None:
-        deployments = [d for d in app.get("deployments", []) if d.get("name") != "Fusion"]
-        app["deployments"] = deployments + [{"name": "Fusion", "user_config": fusion}]
+    entries = {d["name"]: dict(d) for d in app.get("deployments") or []}
+    for name, options in changes.items():
+        entries[name] = entries.get(name, {"name": name}) | options
+    app["deployments"] = list(entries.values())
+    ServeFile.model_validate(config)
     return config
 
 

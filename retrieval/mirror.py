@@ -69,13 +69,9 @@ class ItemMirror:
     def __init__(self, dim: int, *, compact_dead_fraction: float = DEFAULT_COMPACT_DEAD_FRACTION,
                  **index_params) -> None:
         self.dim = int(dim)
-        self._index_params = index_params
         self._compact_at = float(compact_dead_fraction)
         self._lock = _RWLock()
-        self._reset()
-
-    def _reset(self) -> None:
-        self._index = VectorIndex(self.dim, **self._index_params)
+        self._index = VectorIndex(self.dim, **index_params)
         self._attrs = AttributeTable()
         self._slot_of: dict[str, int] = {}
         self._id_of: list[str | None] = []
@@ -146,21 +142,6 @@ class ItemMirror:
             id_of.append(self._id_of[old_slot])
         self._index, self._attrs, self._id_of = index, attrs, id_of
         self._slot_of = {i: s for s, i in enumerate(id_of)}
-
-    def compact(self) -> None:
-        """Rebuild the vector index now, dropping replaced/deleted vectors."""
-        self._lock.acquire_write()
-        try:
-            self._compact()
-        finally:
-            self._lock.release_write()
-
-    def clear(self) -> None:
-        self._lock.acquire_write()
-        try:
-            self._reset()
-        finally:
-            self._lock.release_write()
 
     # ------------------------------------------------------------------ reads
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from fusionrec.fusion.train.variants import FusionNet
+from fusionrec.fusion.train.fusion_net import FusionNet
 
 
 def member_seed(seed: int, member: int, members: int) -> int:

@@ -5,6 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+#: Graphs up to this many nodes are densified: dense matmul backward is far faster than sparse on CPU.
+DENSE_GRAPH_MAX_NODES = 8000
+
+
+def maybe_dense(graph: torch.Tensor) -> torch.Tensor:
+    """A sparse (n, n) graph as a dense tensor when ``n <= DENSE_GRAPH_MAX_NODES``, else unchanged."""
+    return graph.to_dense() if graph.shape[0] <= DENSE_GRAPH_MAX_NODES else graph
+
 
 def _sym_norm(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n: int) -> torch.Tensor:
     """Sparse D^-1/2 A D^-1/2 for an (n, n) matrix given as COO triples."""

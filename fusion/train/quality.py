@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fusionrec.core.paths import reports_dir
 from fusionrec.fusion.train.data import InteractionData, load_dataset
+from fusionrec.fusion.train.report import write_report
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ABLATIONS = ("id", "text", "audio", "id+text", "id+audio", "text+audio", "full")
 METRIC_KEYS = ("recall@10", "ndcg@10", "precision@10", "recall@20", "ndcg@20", "precision@20",
@@ -50,9 +53,9 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec.get("threads", 1))
+    from fusionrec.fusion.train.config import get_variant, train_config
     from fusionrec.fusion.train.ensemble import member_seed
     from fusionrec.fusion.train.training import evaluate, train
-    from fusionrec.fusion.train.variants import get_variant, train_config
 
     data = load_dataset(spec["dataset"])
     cold = None
@@ -91,8 +94,8 @@ def served_metrics(checkpoint: str, data: InteractionData, part: str = "test") -
     item vectors from raw modality vectors + ids, user vector from the history of served item vectors."""
     import torch
 
-    from fusionrec.fusion.train.metrics import ranking_metrics, topk_items
     from fusionrec.fusion.registry import get_fusion_model
+    from fusionrec.fusion.train.metrics import ranking_metrics, topk_items
 
     model = get_fusion_model("trained", data.modality_dims(), checkpoint=checkpoint,
                              encoder_versions=data.encoder_versions)
@@ -135,10 +138,12 @@ def member_specs(dataset: str, variant: str, seed: int, members: int, config: di
             for j in range(members)]
 
 
-def assemble(data: InteractionData, variant_name: str, config: dict[str, Any], member_runs: list[dict[str, Any]]):
+def assemble(data: InteractionData, variant_name: str, config: dict[str, Any], member_runs: list[dict[str, Any]]
+             ) -> nn.Module:
     """Rebuild the trained nets of ``member_runs`` (their ``state``): one net, or an EnsembleNet of several."""
+    from fusionrec.fusion.train.config import get_variant, train_config
     from fusionrec.fusion.train.ensemble import EnsembleNet
-    from fusionrec.fusion.train.variants import build_net, get_variant, train_config
+    from fusionrec.fusion.train.nets import build_net
 
     variant = get_variant(variant_name)
     cfg = train_config(variant, **config)
@@ -154,9 +159,9 @@ def ensemble_run(data: InteractionData, variant_name: str, seed: int, members: i
                  member_runs: list[dict[str, Any]], export: bool = False,
                  checkpoint_dir: Path | None = None) -> dict[str, Any]:
     """Assemble the members trained under ``seed``, evaluate valid/test, optionally write its checkpoint."""
-    from fusionrec.fusion.checkpoint import export_payload, save_checkpoint
+    from fusionrec.fusion.train.config import get_variant, train_config
+    from fusionrec.fusion.train.export import export_payload, save_checkpoint
     from fusionrec.fusion.train.training import evaluate
-    from fusionrec.fusion.train.variants import get_variant, train_config
 
     group = [r for r in member_runs if r["variant"] == variant_name and r["seed"] == seed]
     if len(group) != members:
@@ -189,54 +194,102 @@ def evaluate_dataset(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), ablation_
     The full model is an ensemble of ``members`` nets per seed (default: the variant's); the ablations,
     LightGCN and the cold-item run train one net each, and "full (one net)" is the members' mean.
     """
-    from fusionrec.fusion.train.baselines import content_knn, most_popular
-    from fusionrec.fusion.train.training import evaluate
-    from fusionrec.fusion.train.variants import variant_modalities, get_variant
+    from fusionrec.fusion.train.config import get_variant
 
     start = time.perf_counter()
     data = load_dataset(dataset)  # builds the text cache once, before workers start
     config = dict(config or {})
+    ablations = ablation_variants(data)
+    members = members or get_variant("full").members
+    results = run_jobs(protocol_specs(dataset, seeds, ablation_seeds, ablations, members, config, cold), workers)
+    member_runs = [r for r in results if "member" in r and not r.get("cold")]
+    full_runs = [ensemble_run(data, "full", s, members, config, member_runs, export=s == seeds[0]) for s in seeds]
+    cold_members = [r for r in results if r.get("cold")]
+    cold_run = _cold_run(data, config, cold_members) if cold_members else None
+    for r in member_runs + cold_members:
+        del r["state"]
+    report = _report(data, seeds, ablation_seeds, members, config, full_runs, results,
+                     _ablation_table(ablations, full_runs, results, member_runs, members))
+    if dataset == "lfm2k":
+        report["peers"] = {k: {"recall@20": r, "ndcg@20": n} for k, (r, n) in LFM2K_PEERS.items()}
+    if cold_run:
+        report["cold_items"] = _cold_section(cold_run, members, seeds[0])
+    if report["checkpoint"]:
+        report["served_check"] = _served_check(report["checkpoint"], data, full_runs, seeds[0])
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    write_report(report, results, Path(out_dir or reports_dir()))
+    return report
+
+
+def ablation_variants(data: InteractionData) -> list[str]:
+    """The ablation variants ``data`` can run: each uses some modality it has (or ids); audio ones need vggish."""
+    from fusionrec.fusion.train.config import get_variant, variant_modalities
+
     ablations = [v for v in ABLATIONS if variant_modalities(get_variant(v), data.modality_dims())
                  or get_variant(v).use_id]
-    ablations = list(dict.fromkeys(v for v in ablations
-                                   if v == "full" or "audio" not in v or "vggish" in data.features))
-    members = members or get_variant("full").members
+    return list(dict.fromkeys(v for v in ablations if v == "full" or "audio" not in v or "vggish" in data.features))
+
+
+def protocol_specs(dataset: str, seeds: tuple[int, ...], ablation_seeds: tuple[int, ...], ablations: list[str],
+                   members: int, config: dict[str, Any], cold: bool) -> list[dict[str, Any]]:
+    """Every training job of the protocol: the full model's members per seed, its cold-split members (seed
+    ``seeds[0]``), then one net per LightGCN / ablation seed. Longest runs first so the workers finish together."""
     specs = [spec for s in seeds for spec in member_specs(dataset, "full", s, members, config)]
-    # Longest runs first so the two workers finish together.
     if cold:  # the served model's shape (an ensemble) on the cold split
         specs += [{**spec, "cold": True} for spec in member_specs(dataset, "full", seeds[0], members, config)]
     specs += [{"dataset": dataset, "variant": "lightgcn", "seed": s, "config": config} for s in ablation_seeds]
     specs += [{"dataset": dataset, "variant": v, "seed": s, "config": config}
               for v in ablations if v != "full" for s in ablation_seeds]
-    results = run_jobs(specs, workers)
+    return specs
 
-    member_runs = [r for r in results if "member" in r and not r.get("cold")]
-    full_runs = [ensemble_run(data, "full", s, members, config, member_runs, export=s == seeds[0]) for s in seeds]
-    cold_members = [r for r in results if r.get("cold")]
-    cold_run = None
-    if cold_members:
-        cold_data, cold_items = cold_split(data)
-        cold_run = cold_metrics(assemble(cold_data, "full", config, cold_members), cold_data, cold_items)
-        cold_run["one_net"] = _mean_std([r["cold_items"] for r in cold_members])[0]
-    for r in member_runs + cold_members:
-        del r["state"]
-    test_mean, test_std = _mean_std([r["test"] for r in full_runs])
-    valid_mean, _ = _mean_std([r["valid"] for r in full_runs])
+
+def _cold_run(data: InteractionData, config: dict[str, Any], cold_members: list[dict[str, Any]]) -> dict[str, Any]:
+    """``cold_metrics`` of the ensemble of ``cold_members`` (trained on the cold split), plus their mean alone."""
+    cold_data, cold_items = cold_split(data)
+    run = cold_metrics(assemble(cold_data, "full", config, cold_members), cold_data, cold_items)
+    run["one_net"] = _mean_std([r["cold_items"] for r in cold_members])[0]
+    return run
+
+
+def _ablation_row(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """Mean test metrics of ``runs``, the std of Recall@20 and how many runs."""
+    mean, std = _mean_std(runs)
+    return {**mean, "std_recall@20": std["recall@20"], "seeds": len(runs)}
+
+
+def _ablation_table(ablations: list[str], full_runs: list[dict[str, Any]], results: list[dict[str, Any]],
+                    member_runs: list[dict[str, Any]], members: int) -> dict[str, Any]:
+    """Variant -> ``_ablation_row`` of its test runs ("full" = the ensembles), then ONE_NET (the members alone)."""
     ablation: dict[str, Any] = {}
     for v in ablations:
-        runs = [r["test"] for r in (full_runs if v == "full" else results)
-                if r["variant"] == v and "cold_items" not in r and "member" not in r]
-        mean, std = _mean_std(runs)
-        ablation[v] = {**mean, "std_recall@20": std["recall@20"], "seeds": len(runs)}
+        ablation[v] = _ablation_row([r["test"] for r in (full_runs if v == "full" else results)
+                                     if r["variant"] == v and "cold_items" not in r and "member" not in r])
     if members > 1:
-        mean, std = _mean_std([r["test"] for r in member_runs])
-        ablation[ONE_NET] = {**mean, "std_recall@20": std["recall@20"], "seeds": len(member_runs)}
+        ablation[ONE_NET] = _ablation_row([r["test"] for r in member_runs])
+    return ablation
+
+
+def _baselines(data: InteractionData, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Test metrics of LightGCN (mean of its runs in ``results``), MostPop and text ItemKNN."""
+    from fusionrec.fusion.train.baselines import content_knn, most_popular
+    from fusionrec.fusion.train.training import evaluate
+
     lightgcn = [r["test"] for r in results if r["variant"] == "lightgcn"]
-    baselines = {"lightgcn (ours, per-user embeddings)": {**_mean_std(lightgcn)[0], "seeds": len(lightgcn)},
-                 "mostpop": evaluate(most_popular(data), data, "test"),
-                 "itemknn-text": evaluate(content_knn(data, "text"), data, "test")}
-    report: dict[str, Any] = {
-        "dataset": dataset, "split": data.split,
+    return {"lightgcn (ours, per-user embeddings)": {**_mean_std(lightgcn)[0], "seeds": len(lightgcn)},
+            "mostpop": evaluate(most_popular(data), data, "test"),
+            "itemknn-text": evaluate(content_knn(data, "text"), data, "test")}
+
+
+def _report(data: InteractionData, seeds: tuple[int, ...], ablation_seeds: tuple[int, ...], members: int,
+            config: dict[str, Any], full_runs: list[dict[str, Any]], results: list[dict[str, Any]],
+            ablation: dict[str, Any]) -> dict[str, Any]:
+    """The report body: full model (mean ± std over seeds), ablation, baselines, runs, checkpoint."""
+    from fusionrec.fusion.train.config import get_variant, variant_modalities
+
+    test_mean, test_std = _mean_std([r["test"] for r in full_runs])
+    valid_mean, _ = _mean_std([r["valid"] for r in full_runs])
+    return {
+        "dataset": data.name, "split": data.split,
         "protocol": "full ranking over all items, the user's train items excluded; user vector = user tower "
                     "over the train history (as served); test metrics at the epoch with best valid Recall@20; "
                     f"mean ± std over seeds {list(seeds)}",
@@ -247,113 +300,37 @@ def evaluate_dataset(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), ablation_
         "test": {**test_mean, "std": test_std, "seeds": list(seeds)},
         "valid": valid_mean,
         "ablation": ablation, "ablation_seeds": list(ablation_seeds),
-        "baselines": baselines,
+        "baselines": _baselines(data, results),
         "runs": [{k: r[k] for k in ("variant", "seed", "member", "train_seed", "best_epoch", "train_s") if k in r}
                  | {"test_recall@20": r["test"]["recall@20"], "checkpoint": r.get("checkpoint")}
                  for r in full_runs + results],
         "checkpoint": next((r["checkpoint"] for r in full_runs if r.get("checkpoint")), None),
         "config": config,
     }
-    if dataset == "lfm2k":
-        report["peers"] = {k: {"recall@20": r, "ndcg@20": n} for k, (r, n) in LFM2K_PEERS.items()}
-    if cold_run:
-        report["cold_items"] = {
-            "recall@20": cold_run["cold_items"]["recall@20"], "ndcg@20": cold_run["cold_items"]["ndcg@20"],
-            "one_net_recall@20": cold_run["one_net"]["recall@20"], "one_net_ndcg@20": cold_run["one_net"]["ndcg@20"],
-            "content_knn_recall@20": cold_run["cold_knn"]["recall@20"],
-            "content_knn_ndcg@20": cold_run["cold_knn"]["ndcg@20"],
-            "all_items_recall@20_with_cold_held_out": cold_run["cold_items_all_ranking"]["recall@20"],
-            "n_cold_items": cold_run["n_cold"], "users": cold_run["cold_items"]["users"],
-            "protocol": f"{COLD_FRACTION:.0%} of items held out of training entirely (no id, no graph edge, no "
-                        "negative, no centring mean); as served for unknown ids, each gets its content blocks "
-                        "blended with its nearest known items by text (fusionrec.fusion.cold); the served model's shape "
-                        f"({members}-net ensemble, seed {seeds[0]}); test interactions with them ranked among "
-                        "the cold items, user's train items excluded; kNN = content-only ItemKNN on text",
-        }
-    if report["checkpoint"]:
-        served = served_metrics(report["checkpoint"], data)
-        seed0 = next(r for r in full_runs if r["seed"] == seeds[0])["test"]
-        report["served_check"] = {"checkpoint": report["checkpoint"], "seed": seeds[0],
-                                  "served_recall@20": served["recall@20"], "served_ndcg@20": served["ndcg@20"],
-                                  "evaluated_recall@20": seed0["recall@20"], "evaluated_ndcg@20": seed0["ndcg@20"]}
-    report["wall_s"] = round(time.perf_counter() - start, 1)
-    write_report(report, results, Path(out_dir or reports_dir()))
-    return report
 
 
-def _fmt(mean: float, std: float | None = None) -> str:
-    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+def _cold_section(cold_run: dict[str, Any], members: int, seed: int) -> dict[str, Any]:
+    """The report's cold-item figures: the ensemble, one net, content kNN, and how they were measured."""
+    return {
+        "recall@20": cold_run["cold_items"]["recall@20"], "ndcg@20": cold_run["cold_items"]["ndcg@20"],
+        "one_net_recall@20": cold_run["one_net"]["recall@20"], "one_net_ndcg@20": cold_run["one_net"]["ndcg@20"],
+        "content_knn_recall@20": cold_run["cold_knn"]["recall@20"],
+        "content_knn_ndcg@20": cold_run["cold_knn"]["ndcg@20"],
+        "all_items_recall@20_with_cold_held_out": cold_run["cold_items_all_ranking"]["recall@20"],
+        "n_cold_items": cold_run["n_cold"], "users": cold_run["cold_items"]["users"],
+        "protocol": f"{COLD_FRACTION:.0%} of items held out of training entirely (no id, no graph edge, no "
+                    "negative, no centring mean); as served for unknown ids, each gets its content blocks "
+                    "blended with its nearest known items by text (fusionrec.fusion.cold); the served model's shape "
+                    f"({members}-net ensemble, seed {seed}); test interactions with them ranked among "
+                    "the cold items, user's train items excluded; kNN = content-only ItemKNN on text",
+    }
 
 
-def write_report(report: dict[str, Any], results: list[dict[str, Any]], out_dir: Path) -> None:
-    """<dataset>.json, <dataset>.md (tables) and <dataset>.png (ablation bars + valid curves)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = report["dataset"]
-    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2, sort_keys=True))
-    t, s = report["test"], report["test"]["std"]
-    lines = [f"# Quality report: {name}", "", f"Split: {report['split']}.", "", f"Protocol: {report['protocol']}.", "",
-             f"Model: {report['model']}.", "", "## Full model (test)", "", "| metric | @10 | @20 |", "|---|---|---|"]
-    for m in ("recall", "ndcg", "precision", "coverage"):
-        lines.append(f"| {m} | {_fmt(t[f'{m}@10'], s[f'{m}@10'])} | {_fmt(t[f'{m}@20'], s[f'{m}@20'])} |")
-    lines += ["", "## Ours vs references (test Recall@20 / NDCG@20)", "", "| model | Recall@20 | NDCG@20 |",
-              "|---|---|---|",
-              f"| **ours (full, served path)** | **{_fmt(t['recall@20'], s['recall@20'])}** | "
-              f"**{_fmt(t['ndcg@20'], s['ndcg@20'])}** |"]
-    for k, v in report["baselines"].items():
-        lines.append(f"| {k} (measured here) | {v['recall@20']:.4f} | {v['ndcg@20']:.4f} |")
-    for k, v in report.get("peers", {}).items():
-        nd = "–" if v["ndcg@20"] is None else f"{v['ndcg@20']:.3f}"
-        lines.append(f"| {k} (MMRec, issue 3) | {v['recall@20']:.3f} | {nd} |")
-    lines += ["", f"## Ablation (test; seeds {report['ablation_seeds']} unless noted)", "",
-              "| variant | seeds | Recall@20 | NDCG@20 | Recall@10 | NDCG@10 | coverage@20 |", "|---|---|---|---|---|---|---|"]
-    for v, r in report["ablation"].items():
-        lines.append(f"| {v} | {r['seeds']} | {_fmt(r['recall@20'], r['std_recall@20'] if r['seeds'] > 1 else None)} "
-                     f"| {r['ndcg@20']:.4f} | {r['recall@10']:.4f} | {r['ndcg@10']:.4f} | {r['coverage@20']:.4f} |")
-    if "cold_items" in report:
-        c = report["cold_items"]
-        lines += ["", "## Cold items", "", c["protocol"] + ".", "", "| model | Recall@20 | NDCG@20 |", "|---|---|---|",
-                  f"| **ours ({report['members']}-net ensemble, as served)** | **{c['recall@20']:.4f}** | "
-                  f"**{c['ndcg@20']:.4f}** |",
-                  f"| ours, one net (mean of the members) | {c['one_net_recall@20']:.4f} | {c['one_net_ndcg@20']:.4f} |",
-                  f"| content-only ItemKNN (text) | {c['content_knn_recall@20']:.4f} | {c['content_knn_ndcg@20']:.4f} |",
-                  "", f"{c['n_cold_items']} cold items, {int(c['users'])} users. Overall test Recall@20 of that ensemble "
-                  f"(all items ranked): {c['all_items_recall@20_with_cold_held_out']:.4f}."]
-    if "served_check" in report:
-        c = report["served_check"]
-        lines += ["", "## Served path", "", f"Seed {c['seed']} checkpoint (all {report['members']} nets) loaded through "
-                  "`get_fusion_model(\"trained\")`, "
-                  "item vectors from raw modality vectors + ids, one `user_vector` call per user: test Recall@20 "
-                  f"{c['served_recall@20']:.4f} / NDCG@20 {c['served_ndcg@20']:.4f} (evaluated in training: "
-                  f"{c['evaluated_recall@20']:.4f} / {c['evaluated_ndcg@20']:.4f})."]
-    lines += ["", f"Checkpoint: `{report['checkpoint']}`. Wall time: {report['wall_s']} s.", ""]
-    (out_dir / f"{name}.md").write_text("\n".join(lines))
-    _plot(report, results, out_dir / f"{name}.png")
-
-
-def _plot(report: dict[str, Any], results: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = list(report["ablation"])
-    vals = [report["ablation"][v]["recall@20"] for v in names]
-    ax1.bar(names, vals, color=["tab:red" if v == "full" else "tab:blue" for v in names])
-    ax1.axhline(report["baselines"]["lightgcn (ours, per-user embeddings)"]["recall@20"], ls="--", c="k",
-                label="LightGCN (measured here)")
-    ax1.set_ylabel("test Recall@20")
-    ax1.set_title(f"{report['dataset']}: ablation")
-    ax1.tick_params(axis="x", rotation=30)
-    ax1.legend()
-    for r in results:
-        if r["variant"] == "full" and r.get("member") == 0:
-            ax2.plot([c["epoch"] for c in r["curve"]], [c["valid_recall@20"] for c in r["curve"]],
-                     label=f"full seed {r['seed']}, first net")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("valid Recall@20")
-    ax2.set_title("training curves")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _served_check(checkpoint: str, data: InteractionData, full_runs: list[dict[str, Any]], seed: int
+                  ) -> dict[str, Any]:
+    """Seed ``seed``'s checkpoint scored through the serving class next to what training evaluated."""
+    served = served_metrics(checkpoint, data)
+    evaluated = next(r for r in full_runs if r["seed"] == seed)["test"]
+    return {"checkpoint": checkpoint, "seed": seed,
+            "served_recall@20": served["recall@20"], "served_ndcg@20": served["ndcg@20"],
+            "evaluated_recall@20": evaluated["recall@20"], "evaluated_ndcg@20": evaluated["ndcg@20"]}

@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from fusionrec.fusion.towers import MAX_HISTORY
+from fusionrec.fusion.train.config import TrainConfig, VariantConfig
 from fusionrec.fusion.train.data import InteractionData
 from fusionrec.fusion.train.metrics import ranking_metrics, topk_items
-from fusionrec.fusion.train.variants import TrainConfig, VariantConfig, build_net
+from fusionrec.fusion.train.nets import build_net
 
-#: Newest events kept in a history (long MovieLens users would otherwise dominate memory).
-MAX_HISTORY = 256
 SELECT_METRIC = "recall@20"
 
 

@@ -10,7 +10,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from fusionrec.core.paths import shared_dir
-from fusionrec.cli.client import Client, catalog_batches, interaction_to_pb, read_jsonl
+from fusionrec.cli.catalog import catalog_batches, interaction_to_pb, read_jsonl
+from fusionrec.cli.client import Client
 from fusionrec.core.paths import default_config
 from fusionrec.gateway.runtime import start, stop
 from fusionrec.cli.sample_catalog import generate_catalog

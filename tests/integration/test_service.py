@@ -261,11 +261,11 @@ def test_a_trained_checkpoint_serves_recommend_with_its_towers(service, client, 
     import torch
     from ray import serve
 
-    from fusionrec.fusion.checkpoint import export_payload, save_checkpoint
+    from fusionrec.fusion.train.config import TrainConfig, get_variant
     from fusionrec.fusion.train.data import InteractionData
     from fusionrec.fusion.train.ensemble import EnsembleNet
+    from fusionrec.fusion.train.export import export_payload, save_checkpoint
     from fusionrec.fusion.train.training import train
-    from fusionrec.fusion.train.variants import TrainConfig, get_variant
     from fusionrec.gateway.runtime import call_handle, redeploy, reindex
 
     names = sorted(loaded["items"])

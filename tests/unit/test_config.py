@@ -6,9 +6,10 @@ import pytest
 from pydantic import ValidationError
 
 from fusionrec.encoders.registry import ENCODERS, encoder_class
-from fusionrec.gateway.app import build_app
-from fusionrec.gateway.config import AppConfig, load_serve_file
 from fusionrec.core.paths import default_config, packaged_config
+from fusionrec.gateway.app import build_app, deployment_options
+from fusionrec.gateway.config import AppConfig, check_deployment_overrides, load_serve_file
+from fusionrec.gateway.runtime import render_config
 
 
 @pytest.mark.parametrize("name", ["gpu.yaml"])
@@ -30,19 +31,56 @@ def test_shipped_config_parses_and_builds():
 @pytest.mark.parametrize("bad, fragment", [
     ({"server": {"prot": 1}}, "Extra inputs are not permitted"),
     ({"encoders": {"smell": {"name": "x"}}}, "unknown modalities"),
-    ({"deployments": {"retrieval": {"max_replicas": 2}}}, "one owner process"),
-    ({"deployments": {"text_encoder": {"min_replicas": 3, "max_replicas": 2}}}, "min_replicas"),
     ({"precomputed_modalities": {"text": 3}}, "clash"),
+    ({"deployments": {"retrieval": {"max_replicas": 2}}}, "Extra inputs are not permitted"),  # Serve's list now
 ])
 def test_bad_config_is_rejected(bad, fragment):
     with pytest.raises(ValidationError, match=fragment):
         AppConfig.model_validate(bad)
 
 
+@pytest.mark.parametrize("override, fragment", [
+    ({"name": "Retrieval", "num_replicas": 2}, "one owner process"),
+    ({"name": "Retrieval", "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}, "one owner process"),
+    ({"name": "TextEncoders", "num_replicas": 1}, "unknown deployment 'TextEncoders'"),
+    ({"name": "TextEncoder", "max_replica": 2}, r"unknown options \['max_replica'\]"),
+    ({"name": "TextEncoder", "autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
+    ({"name": "TextEncoder", "user_config": {"max_batch": 3}}, "Extra inputs are not permitted"),
+    ({"name": "Fusion", "user_config": {"name": "weighted-v0", "option": {}}}, "Extra inputs are not permitted"),
+])
+def test_bad_deployment_override_is_rejected(override, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        check_deployment_overrides(AppConfig(), [override])
+
+
 def test_milvus_server_uri_allows_retrieval_replicas():
-    cfg = AppConfig.model_validate({"store": {"uri": "http://milvus:19530"},
-                                    "deployments": {"retrieval": {"max_replicas": 3}}})
+    cfg = AppConfig.model_validate({"store": {"uri": "http://milvus:19530"}})
+    check_deployment_overrides(cfg, [{"name": "Retrieval", "num_replicas": 3}])
     assert not cfg.store.is_lite
+
+
+def test_shipped_deployments_override_code_defaults_per_key():
+    deployments = load_serve_file(default_config()).deployments
+    text = deployment_options("TextEncoder", deployments)
+    assert text["user_config"] == {"max_batch_size": 64, "batch_wait_timeout_s": 0.005}
+    assert text["autoscaling_config"]["target_ongoing_requests"] == 4
+    assert deployment_options("Fusion", deployments)["user_config"]["name"] == "weighted-v0"
+    # An override replaces only the keys it names: the rest keep the code defaults.
+    gateway = deployment_options("Gateway", [{"name": "Gateway", "max_ongoing_requests": 7}])
+    assert gateway["max_ongoing_requests"] == 7 and gateway["ray_actor_options"] == {"num_cpus": 0.1}
+
+
+def test_render_config_changes_one_deployment_and_keeps_the_rest():
+    base = load_serve_file(default_config()).deployments
+    config = render_config(default_config(), {"deployments": {"TextEncoder": {"autoscaling_config": {
+        "min_replicas": 1, "max_replicas": 3}}}, "fusion": {"name": "weighted-v0", "options": {"block_dim": 64}}})
+    after = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    before = {d["name"]: d for d in base}
+    assert after["TextEncoder"]["autoscaling_config"]["max_replicas"] == 3
+    assert after["Fusion"]["user_config"] == {"name": "weighted-v0", "options": {"block_dim": 64}}
+    assert after["Fusion"]["ray_actor_options"] == before["Fusion"]["ray_actor_options"]
+    assert {n: after[n] for n in ("Gateway", "ImageEncoder", "AudioEncoder", "Retrieval")} == \
+        {n: before[n] for n in ("Gateway", "ImageEncoder", "AudioEncoder", "Retrieval")}
 
 
 def test_unknown_encoder_fails_loudly():

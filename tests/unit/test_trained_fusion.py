@@ -1,15 +1,18 @@
 """Train the fusion net a few steps on synthetic data, export, and serve it through the registry."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from fusionrec.fusion.checkpoint import export_payload, save_checkpoint
+from fusionrec.fusion.registry import get_fusion_model
+from fusionrec.fusion.train.config import TrainConfig, get_variant
 from fusionrec.fusion.train.data import InteractionData
 from fusionrec.fusion.train.ensemble import EnsembleNet
-from fusionrec.fusion.registry import get_fusion_model
+from fusionrec.fusion.train.export import export_payload, save_checkpoint
 from fusionrec.fusion.train.training import pad_histories, train
-from fusionrec.fusion.train.variants import TrainConfig, get_variant
 
 DIMS = {"text": 12, "vggish": 6}
 VERSIONS = {"text": "minilm-l6-v2@1", "vggish": "vggish@synthetic"}
@@ -175,3 +178,30 @@ def test_format_1_checkpoints_still_load(trained, tmp_path):
                                   new_model.item_vectors(_items(data, known), ids))
     unknown = old_model.item_vectors(_items(data, [0]), ["0"])
     np.testing.assert_allclose(unknown[:, old_model._blocks("id")[0]], 0.0)
+
+
+@pytest.mark.parametrize("trained", [1], indirect=True, ids=["one-net"])
+def test_a_replica_serves_a_checkpoint_without_the_training_stack(trained):
+    """What a replica loads (registry -> TrainedFusion -> checkpoint, towers, cold) never imports fusion.train."""
+    _, _, path, _ = trained
+    code = f"""
+import sys
+import numpy as np
+from fusionrec.fusion.registry import get_fusion_model
+model = get_fusion_model("trained", {DIMS!r}, checkpoint={str(path)!r}, encoder_versions={VERSIONS!r})
+items = model.item_vectors([{{m: np.ones(d, np.float32) for m, d in {DIMS!r}.items()}}], ["5"])
+model.user_vector(items, {{}})
+print(sorted(m for m in sys.modules if m.split(".")[:3] == ["fusionrec", "fusion", "train"]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"serving imported the training stack: {out.stdout}"
+
+
+def test_unknown_net_kind_fails_listing_the_known_ones():
+    from fusionrec.fusion.train.config import VariantConfig
+    from fusionrec.fusion.train.nets import build_net
+
+    with pytest.raises(ValueError, match=r"unknown net kind 'gru4rec'; known: \['fusion', 'lightgcn'\]"):
+        build_net(VariantConfig(kind="gru4rec"), _synthetic(), TrainConfig())
+

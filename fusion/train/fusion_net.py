@@ -1,0 +1,161 @@
+"""The two-tower fusion net (id/content/full/graph variants): ItemTower + frozen-able graph smoothing, UserTower."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from fusionrec.fusion.cold import ColdStart, centred_units
+from fusionrec.fusion.towers import ItemTower, UserTower
+from fusionrec.fusion.train.config import TrainConfig, VariantConfig, variant_modalities
+from fusionrec.fusion.train.data import InteractionData
+from fusionrec.fusion.train.graph import content_knn_graph, cooccurrence_graph, maybe_dense
+
+
+class FusionNet(nn.Module):
+    """Two-tower net: ItemTower over all items (+ frozen-able graph smoothing), UserTower over history.
+
+    Args:
+        features: modality -> (n_items, d_m) float32 tensors (raw encoder vectors).
+        known: (n_items,) bool, items that may use an id embedding (seen in training).
+        graph: (n_items, n_items) normalised item-item operator (dense or sparse) or None.
+        cold: how items outside ``known`` borrow from warm ones (keys over the ``known`` rows), or None.
+        catalog: (n_items,) bool, items in the catalog while training (default all): the others are
+            held out entirely (no negative, no alignment sample).
+    """
+
+    def __init__(self, features: dict[str, torch.Tensor], n_items: int, use_id: bool, known: torch.Tensor,
+                 graph: torch.Tensor | None, cfg: TrainConfig, cold: ColdStart | None = None,
+                 catalog: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.features = features
+        self.n_items = n_items
+        self.known = known
+        self.catalog = torch.ones(n_items, dtype=torch.bool) if catalog is None else catalog
+        self.graph = graph
+        self.cold = cold if cfg.normalize else None  # borrowing mixes unit vectors
+        self._warm_rows = known.nonzero().squeeze(1)
+        self._cold_rows = (~known).nonzero().squeeze(1)
+        # Features never change: find the cold items' warm neighbours once, not on every forward pass.
+        self._cold_match = None if self.cold is None or not len(self._cold_rows) else self.cold.match(
+            {m: features[m][self._cold_rows].numpy() for m in self.cold.modalities})
+        means = {m: x[known].mean(0) if known.any() else x.mean(0) for m, x in features.items()}
+        self.item_tower = ItemTower({m: x.shape[1] for m, x in features.items()}, n_items if use_id else 0,
+                                    cfg.block_dim, means, hidden=cfg.hidden)
+        self.user_tower = UserTower(self.item_tower.dim)
+
+    @classmethod
+    def from_data(cls, variant: VariantConfig, data: InteractionData, cfg: TrainConfig,
+                  known_items: np.ndarray | None = None) -> "FusionNet":
+        """The net of ``variant`` on ``data``: its modalities, graph and cold-start keys built from the train split.
+
+        Args:
+            known_items: (k,) item ids allowed an id embedding (default: every item in ``data.train``).
+        """
+        mods = variant_modalities(variant, data.modality_dims())
+        feats = {m: torch.as_tensor(data.features[m], dtype=torch.float32) for m in mods}
+        known = torch.zeros(data.n_items, dtype=torch.bool)
+        known[torch.as_tensor(np.unique(data.train[:, 1]) if known_items is None else known_items)] = True
+        catalog = torch.ones(data.n_items, dtype=torch.bool)
+        if data.held_out is not None:
+            catalog[torch.as_tensor(data.held_out)] = False
+        # Content neighbours (graph edges, cold-start borrowing) come from the variant's own content:
+        # text when it has it (tags are the cleanest), else all of it. An ablation never sees a modality it
+        # does not use, not even through neighbours.
+        neighbour_mods = ["text"] if "text" in mods else list(mods)
+        cold = None
+        if variant.use_id and mods and cfg.cold_share > 0:
+            cold = ColdStart.fit(data.features, known.numpy(), tuple(neighbour_mods), cfg.cold_k, cfg.cold_share)
+        graph = _item_graph(data, cfg, neighbour_mods, known, catalog) if variant.graph else None
+        return cls(feats, data.n_items, variant.use_id, known, graph, cfg, cold, catalog)
+
+    def item_blocks(self, train: bool) -> torch.Tensor:
+        """(n_items, P, block_dim) blocks of every item, with modality/id dropout when training."""
+        n = self.n_items
+        present = {m: torch.ones(n, dtype=torch.bool) for m in self.features}
+        id_present = self.known.clone()
+        if train and self.cfg.modality_dropout > 0 and len(self.features) > 1:
+            for m in present:
+                present[m] = torch.rand(n) >= self.cfg.modality_dropout
+        if train and self.cfg.id_dropout > 0 and self.features:
+            id_present &= torch.rand(n) >= self.cfg.id_dropout
+        if self.features:  # never drop everything: restore the first content modality
+            stacked = torch.stack(list(present.values()), 1)
+            first = next(iter(present))
+            present[first] = present[first] | ~stacked.any(1)
+        return self.item_tower(self.features, present, torch.arange(n), id_present)
+
+    def propagate(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Graph smoothing per block (linear, so the block layout survives): x + sum_l alpha^l S^l x."""
+        if self.graph is None:
+            return blocks
+        n, p, d = blocks.shape
+        x = blocks.reshape(n, p * d)
+        out, h = x, x
+        for layer in range(1, self.cfg.graph_layers + 1):
+            h = self.graph @ h
+            out = out + (self.cfg.graph_alpha ** layer) * h
+        return out.reshape(n, p, d)
+
+    def item_vectors(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused item vectors as served, (n_items, dim), and their (n_items, P, block_dim) blocks."""
+        blocks = self.propagate(self.item_blocks(train))
+        flat = blocks.reshape(self.n_items, -1)
+        if self.cfg.normalize:
+            flat = nn.functional.normalize(flat, dim=-1)
+        if self._cold_match is not None:  # no interactions: borrow from warm neighbours, as served
+            # Detached: an unchosen item pushed down as a negative must not drag its neighbours with it.
+            borrowed = self.cold.blend(flat[self._cold_rows], self._cold_match, flat[self._warm_rows].detach())
+            flat = flat.index_copy(0, self._cold_rows, borrowed)
+        return flat, blocks
+
+    def scores(self, users: torch.Tensor, hist: torch.Tensor, hist_mask: torch.Tensor,
+               items: torch.Tensor | None = None) -> torch.Tensor:
+        """(b,) users, (b, h) history ids right-aligned, (b, h) mask -> (b, n_items) scores."""
+        if items is None:
+            items, _ = self.item_vectors(train=self.training)
+        user = self.user_tower(items[hist], hist_mask)
+        if self.cfg.normalize:
+            user = nn.functional.normalize(user, dim=-1)
+        return user @ items.T / self.cfg.temperature
+
+    def align_loss(self, blocks: torch.Tensor, sample: int = 512) -> torch.Tensor:
+        """InfoNCE between an item's content blocks (pairs of modalities), on a random item sample."""
+        parts = self.item_tower.modalities
+        if len(parts) < 2:
+            return torch.zeros(())
+        rows = self.catalog.nonzero().squeeze(1)  # items held out of training are held out here too
+        idx = rows[torch.randperm(len(rows))[:sample]]
+        z = nn.functional.normalize(blocks[idx, : len(parts)], dim=-1)  # (s, M, d)
+        loss, pairs = torch.zeros(()), 0
+        target = torch.arange(len(idx))
+        for a in range(len(parts)):
+            for b in range(a + 1, len(parts)):
+                logits = z[:, a] @ z[:, b].T / self.cfg.align_temperature
+                loss = loss + nn.functional.cross_entropy(logits, target) + \
+                    nn.functional.cross_entropy(logits.T, target)
+                pairs += 2
+        return loss / pairs
+
+
+def _stack_normalised(features: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """Concatenate centred unit-norm modality vectors: (n, sum d_m), each modality weighted equally.
+
+    Centred on the ``rows`` (bool (n,)) items only: items held out of training do not move the mean.
+    """
+    parts = centred_units(dict(enumerate(features)), {i: x[rows].mean(0) for i, x in enumerate(features)})
+    return np.concatenate(parts, axis=1)
+
+
+def _item_graph(data: InteractionData, cfg: TrainConfig, content_mods: list[str], known: torch.Tensor,
+                catalog: torch.Tensor) -> torch.Tensor:
+    """(n_items, n_items) item-item operator from the train split: co-occurrence, blended FREEDOM-style with a
+    frozen kNN graph over ``content_mods`` (the variant's own content; none = co-occurrence only)."""
+    graph = cooccurrence_graph(data.train, data.n_users, data.n_items, cfg.cooc_k)
+    if content_mods and cfg.content_graph_weight > 0:
+        content = content_knn_graph(_stack_normalised([data.features[m] for m in content_mods], catalog.numpy()),
+                                    cfg.content_k, known.numpy(), catalog.numpy())
+        graph = ((1 - cfg.content_graph_weight) * graph + cfg.content_graph_weight * content).coalesce()
+    return maybe_dense(graph)

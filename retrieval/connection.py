@@ -1,0 +1,208 @@
+"""MilvusConnection: one MilvusClient (Lite file or server) and the calls every collection shares.
+
+Creating collections with their indexes, chunked writes, reads by id, iteration, counting and
+the flush policy (see lite.py for why unflushed rows matter on Lite) live here; what the
+collections hold is the business of the modules that use them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Iterator
+
+from fusionrec.retrieval import lite
+from fusionrec.retrieval.expressions import id_list
+from fusionrec.retrieval.layout import (
+    F_ID,
+    FLUSH_EVERY_ROWS_LITE,
+    FLUSH_EVERY_ROWS_LITE_MIRRORED,
+    INDEX_PARAMS,
+    MAX_WRITE_BYTES,
+    QUERY_CHUNK,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class MilvusConnection:
+    """The client of one Milvus (Lite data path ending in ``.db``, or a server URI). Thread-safe.
+
+    Args:
+        uri: Lite data path (``*.db``, opened in-process) or server URI.
+        token: server token (user:password), if any.
+        flush_every_rows: flush a collection after this many written rows; None = auto (on
+            Lite 512 when Milvus serves searches, 8192 when an in-memory index does
+            (``mirrored``); never on a server), 0 = never, 1 = after every write.
+        mirrored: searches run on an in-memory copy, not on Milvus.
+    """
+
+    def __init__(self, uri: str, token: str = "", flush_every_rows: int | None = None,
+                 mirrored: bool = True) -> None:
+        self.uri = uri
+        self.is_lite = uri.endswith(".db")
+        self.backend = "lite" if self.is_lite else "server"
+        if flush_every_rows is None:  # see lite.py: unflushed rows slow Lite's own search, not reads by id
+            flush_every_rows = 0 if not self.is_lite else (
+                FLUSH_EVERY_ROWS_LITE_MIRRORED if mirrored else FLUSH_EVERY_ROWS_LITE)
+        self.flush_every = int(flush_every_rows)
+        self._pending: dict[str, int] = {}
+        self._lock = threading.RLock()
+        self._closed = False
+        self._lite_path: str | None = None
+        self._client = None
+        try:
+            self._client = self._connect(uri, token)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, uri: str, token: str):
+        from pymilvus import MilvusClient
+
+        if not self.is_lite:
+            return MilvusClient(uri=uri, token=token)
+        path = os.path.abspath(uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        lite.install_log_filter()
+        lite.acquire(path)
+        self._lite_path = path
+        try:
+            return MilvusClient(uri=path)
+        except Exception as e:
+            raise RuntimeError(
+                f"could not open Milvus Lite data at {path}: {e}. A Lite data dir can be "
+                "opened by one process at a time; to share it, run `milvus-lite server "
+                "--data-dir <dir> --port <port>` and use http://127.0.0.1:<port> as the URI."
+            ) from e
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # pragma: no cover - best effort
+                logger.exception("closing the Milvus client failed")
+        if self._lite_path is not None:
+            path, self._lite_path = self._lite_path, None
+            lite.release(path)
+
+    def __del__(self) -> None:  # pragma: no cover - safety net only
+        try:
+            if not self._closed and self._lite_path is not None:
+                self.close()
+        except Exception:
+            pass
+
+    @property
+    def client(self):
+        if self._closed or self._client is None:
+            raise RuntimeError("MilvusStore is closed")
+        return self._client
+
+    @property
+    def where(self) -> str:
+        """The data's location, for messages."""
+        return self._lite_path or self.uri
+
+    def consistency(self) -> dict[str, Any]:
+        # Lite is always read-your-writes; on a server ask for it explicitly.
+        return {} if self.is_lite else {"consistency_level": "Strong"}
+
+    # ----------------------------------------------------------------- collections
+
+    def _index_params_for(self, fields: list[tuple[str, str]]):
+        ip = self.client.prepare_index_params()
+        for field_name, role in fields:
+            p = INDEX_PARAMS[self.backend][role]
+            ip.add_index(
+                field_name=field_name,
+                index_type=p["index_type"],
+                metric_type=p["metric_type"],
+                params=dict(p["params"]),
+            )
+        return ip
+
+    def create(self, name: str, built, properties: dict[str, str]) -> None:
+        """Create collection ``name`` from a layout.py (schema, index fields) pair."""
+        schema, idx = built
+        self.client.create_collection(collection_name=name, schema=schema, properties=properties,
+                                      **self.consistency())
+        # sync=False: pymilvus' index wait loop sleeps 0.5 s per index even on an empty
+        # collection; the index exists (and Lite builds it) as soon as the call returns.
+        self.client.create_index(name, self._index_params_for(idx), sync=False)
+
+    # ----------------------------------------------------------------- reads
+
+    def fetch(self, collection: str, ids: list[str], output_fields: list[str] | None = None) -> dict[str, dict]:
+        """Rows of ``collection`` by id (missing ids absent), ``QUERY_CHUNK`` ids per query."""
+        out: dict[str, dict] = {}
+        for i in range(0, len(ids), QUERY_CHUNK):
+            chunk = ids[i : i + QUERY_CHUNK]
+            rows = self.client.query(
+                collection,
+                filter=f"{F_ID} in {id_list(chunk)}",
+                output_fields=output_fields or ["*"],
+                limit=len(chunk),
+                **self.consistency(),
+            )
+            for r in rows:
+                out[r[F_ID]] = r
+        return out
+
+    def iterate(self, collection: str, batch_size: int, output_fields: list[str], expr: str = "") -> Iterator[list[dict]]:
+        it = self.client.query_iterator(
+            collection, batch_size=batch_size, filter=expr, output_fields=output_fields
+        )
+        try:
+            while True:
+                batch = it.next()
+                if not batch:
+                    break
+                yield batch
+        finally:
+            it.close()
+
+    def count(self, collection: str) -> int:
+        rows = self.client.query(collection, filter="", output_fields=["count(*)"], **self.consistency())
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    # ----------------------------------------------------------------- writes
+
+    def write(self, collection: str, rows: list[dict], row_bytes: int) -> None:
+        """Insert-or-replace whole rows, in calls of at most ``MAX_WRITE_BYTES``."""
+        # Lite's upsert is a partial update (merges onto the old row, so attributes that
+        # were removed would survive); its insert replaces a same-pk row whole. A server's
+        # upsert replaces whole rows, while its insert would duplicate the pk.
+        write = self.client.insert if self.is_lite else self.client.upsert
+        per = max(1, min(QUERY_CHUNK * 4, MAX_WRITE_BYTES // max(1, row_bytes)))
+        for i in range(0, len(rows), per):
+            write(collection, rows[i : i + per])
+
+    def after_write(self, collection: str, rows: int) -> None:
+        """Count ``rows`` written to ``collection``; flush it once ``flush_every`` are pending."""
+        if self.flush_every <= 0 or rows <= 0:
+            return
+        with self._lock:
+            n = self._pending.get(collection, 0) + rows
+            flush = n >= self.flush_every
+            self._pending[collection] = 0 if flush else n
+        if flush:
+            self.client.flush(collection)
+
+    def forget_pending(self, collection: str) -> None:
+        """``collection`` is gone (replaced by a re-index): stop counting its rows."""
+        with self._lock:
+            self._pending.pop(collection, None)
+
+    def flush(self, collections: list[str]) -> None:
+        """Flush these collections now (Lite: moves memtable rows into segments)."""
+        with self._lock:
+            self._pending.clear()
+        for name in collections:
+            self.client.flush(name)

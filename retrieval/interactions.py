@@ -1,0 +1,112 @@
+"""InteractionLog: the interactions collection (append-only events) and the per-user history cache."""
+
+from __future__ import annotations
+
+import math
+
+from fusionrec.core.rules import check_id, check_kind
+from fusionrec.retrieval.base import InteractionEvent, SchemaMismatch
+from fusionrec.retrieval.connection import MilvusConnection
+from fusionrec.retrieval.expressions import quote_string
+from fusionrec.retrieval.history import HistoryCache
+from fusionrec.retrieval.layout import (
+    DUMMY_DIM,
+    F_DUMMY,
+    F_ITEM,
+    F_KIND,
+    F_PK,
+    F_TS,
+    F_USER,
+    PROP_FORMAT,
+    PROP_ROLE,
+    QUERY_CHUNK,
+    STORE_FORMAT,
+    interactions_schema,
+)
+
+_FIELDS = [F_PK, F_USER, F_ITEM, F_KIND, F_TS]
+_SCAN_BATCH = 5000
+
+
+def _entry(r: dict) -> tuple:
+    """A history entry (ts, pk, InteractionEvent) of an interactions row."""
+    ev = InteractionEvent(
+        user_id=r[F_USER], item_id=r[F_ITEM], kind=r[F_KIND], timestamp_s=float(r[F_TS])
+    )
+    return (ev.timestamp_s, int(r[F_PK]), ev)
+
+
+class InteractionLog:
+    """Interaction events in Milvus collection ``collection``; recent ones cached per user."""
+
+    def __init__(self, conn: MilvusConnection, collection: str, cache: HistoryCache) -> None:
+        self.conn = conn
+        self.collection = collection
+        self._cache = cache
+
+    def open(self) -> None:
+        """Create or check the collection, load it, and fill the cache from a full scan."""
+        c = self.conn.client
+        name = self.collection
+        if not c.has_collection(name):
+            self.conn.create(name, interactions_schema(), {PROP_FORMAT: STORE_FORMAT, PROP_ROLE: "interactions"})
+        else:
+            desc = c.describe_collection(name)
+            have = {f["name"] for f in desc.get("fields", [])}
+            missing = set(_FIELDS) - have
+            if missing:
+                raise SchemaMismatch(
+                    f"Milvus collection '{name}' at {self.conn.where} is not an interactions "
+                    f"collection (missing fields {sorted(missing)}); use another "
+                    f"interactions_collection name."
+                )
+        c.load_collection(name)
+        per_user: dict[str, list[tuple]] = {}
+        for batch in self.conn.iterate(name, _SCAN_BATCH, _FIELDS):
+            for r in batch:
+                per_user.setdefault(r[F_USER], []).append(_entry(r))
+        self._cache.load(per_user)
+
+    def record(self, events: list[InteractionEvent]) -> None:
+        if not events:
+            return
+        rows = []
+        for ev in events:
+            ts = float(ev.timestamp_s)
+            if not math.isfinite(ts):
+                raise ValueError(f"interaction timestamp must be finite, got {ev.timestamp_s!r}")
+            rows.append(
+                {
+                    F_USER: check_id(ev.user_id, "user id"),
+                    F_ITEM: check_id(ev.item_id),
+                    F_KIND: check_kind(ev.kind),
+                    F_TS: ts,
+                    F_DUMMY: [0.0] * DUMMY_DIM,
+                }
+            )
+        pks: list[int] = []
+        for i in range(0, len(rows), QUERY_CHUNK * 4):
+            res = self.conn.client.insert(self.collection, rows[i : i + QUERY_CHUNK * 4])
+            pks.extend(int(p) for p in res["ids"])
+        by_user: dict[str, list[tuple]] = {}
+        for r, pk in zip(rows, pks):
+            ev = InteractionEvent(r[F_USER], r[F_ITEM], r[F_KIND], r[F_TS])
+            by_user.setdefault(ev.user_id, []).append((ev.timestamp_s, pk, ev))
+        self._cache.recorded(by_user)
+        self.conn.after_write(self.collection, len(rows))
+
+    def history(self, user_id: str, limit: int) -> list[InteractionEvent]:
+        limit = int(limit)
+        if limit <= 0:
+            return []
+        cached, gen = self._cache.lookup(user_id, limit)
+        if cached is not None:
+            return cached
+        # cache miss (evicted user) or a longer history than cached: read Milvus
+        entries = []
+        expr = f"{F_USER} == {quote_string(check_id(user_id, 'user id'))}"
+        for batch in self.conn.iterate(self.collection, _SCAN_BATCH, _FIELDS, expr):
+            entries.extend(_entry(r) for r in batch)
+        entries.sort(key=lambda e: (e[0], e[1]))
+        self._cache.fill(user_id, entries, gen)
+        return [e[2] for e in entries[-limit:]]

@@ -1,0 +1,81 @@
+"""Top-k search over the items collection, on either backend: the in-memory ItemMirror or Milvus.
+
+Milvus Lite 3.2.2 pays 50-90 ms per search at 100k rows whatever the index, hence the mirror
+(faiss HNSW + attribute columns) filled from the items collection at open. Both backends take
+the same, already checked, query and return the same Candidates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fusionrec.core.rules import storable_id
+from fusionrec.retrieval.base import AttributeValue, Candidate, FilterSpec
+from fusionrec.retrieval.connection import MilvusConnection
+from fusionrec.retrieval.expressions import build_filter, filter_clause
+from fusionrec.retrieval.layout import F_FUSED, F_ID, search_params, vec_out
+from fusionrec.retrieval.mirror import ItemMirror
+from fusionrec.retrieval.rows import attrs_from_row
+
+SEARCH_BACKENDS = ("memory", "milvus")
+MIRROR_LOAD_BATCH = 4096
+
+
+def load_mirror(conn: MilvusConnection, collection: str, fused_dim: int, index_params: dict) -> ItemMirror:
+    """An ItemMirror of ``collection``'s rows (ids, fused vectors, attributes)."""
+    mirror = ItemMirror(fused_dim, **index_params)
+    ids: list[str] = []
+    vectors: list[np.ndarray] = []
+    attrs: list[dict[str, AttributeValue]] = []
+    for batch in conn.iterate(collection, MIRROR_LOAD_BATCH, ["*"]):
+        ids.extend(r[F_ID] for r in batch)
+        vectors.append(np.asarray([r[F_FUSED] for r in batch], dtype=np.float32))
+        attrs.extend(attrs_from_row(r) for r in batch)
+    if ids:
+        mirror.upsert(ids, np.concatenate(vectors), attrs)
+    return mirror
+
+
+def search_mirror(
+    mirror: ItemMirror, q: np.ndarray, k: int, filters: list[FilterSpec] | None, excluded: set[str]
+) -> list[Candidate]:
+    for spec in filters or []:  # same validation (and errors) as the Milvus path
+        if filter_clause(spec) is None:
+            return []
+    excluded = {i for i in excluded if storable_id(i)}
+    return mirror.search(q, k, filters, excluded)
+
+
+def search_milvus(
+    conn: MilvusConnection, collection: str, q: np.ndarray, k: int, filters: list[FilterSpec] | None,
+    excluded: set[str],
+) -> list[Candidate]:
+    expr = build_filter(filters, excluded)
+    if expr is None:
+        return []
+    res = conn.client.search(
+        collection,
+        data=[q],
+        anns_field=F_FUSED,
+        limit=k,
+        filter=expr,
+        output_fields=["*"],
+        search_params=search_params(conn.backend, k),
+    )
+    hits = res[0] if res else []
+    out = []
+    for h in hits:
+        ent = h.get("entity") or {}
+        item_id = h.get("id", ent.get(F_ID))
+        if item_id in excluded:  # belt and braces; the filter already excludes them
+            continue
+        out.append(
+            Candidate(
+                item_id=item_id,
+                score=float(h["distance"]),
+                fused=vec_out(ent[F_FUSED]),
+                attributes=attrs_from_row(ent),
+            )
+        )
+    out.sort(key=lambda cand: -cand.score)
+    return out[:k]
