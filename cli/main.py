@@ -60,7 +60,8 @@ def demo(config: Path = CONFIG, ray_address: Optional[str] = RAY_ADDRESS, items:
          media_dir: Optional[Path] = typer.Option(None, help="Sample photos the catalog is made from "
                                                     "(default: media/ under $FUSIONREC_SHARED_DIR or ../shared)."),
          exit_after_load: bool = typer.Option(False, help="Stop after loading instead of serving on.")) -> None:
-    """Serve, load the deterministic sample catalog and users, print how to call it, serve on."""
+    """Serve, load the deterministic sample catalog and users, train the fusion model on them (promoted
+    when better than the served one on the hold-out), print how to call it, serve on."""
     from fusionrec.cli.sample_catalog import generate_catalog
 
     t0 = time.monotonic()
@@ -82,6 +83,7 @@ def demo(config: Path = CONFIG, ray_address: Optional[str] = RAY_ADDRESS, items:
             raise
         _ingest(files.catalog_path, running.target, "", batch_size=32)
         typer.echo(f"recorded {_record(files.interactions_path, running.target, '')} sample interactions")
+    demo_training(config, ray_address or "auto")
     reply = client.stub.Recommend(pb.RecommendRequest(user_id="user-001", k=5), timeout=30)
     first_answer_s = time.monotonic() - t0
     typer.echo(f"\nfirst Recommend answered {first_answer_s:.1f} s after start "
@@ -256,7 +258,7 @@ def _print_deployments(ray_address: str, app_name: str) -> None:
 
 
 from fusionrec.cli.bench import bench_app  # noqa: E402  (commands register on import)
-from fusionrec.cli.quality import evaluate, train  # noqa: E402
+from fusionrec.cli.quality import demo_training, evaluate, train  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
 app.command()(train)

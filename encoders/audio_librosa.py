@@ -39,6 +39,7 @@ import numpy as np
 import soundfile as sf
 
 from fusionrec.encoders.base import Encoder, InvalidContent, l2_normalise
+from fusionrec.encoders.identity import package_version
 
 #: libsndfile container names we accept (WAVEX/RF64 are WAV variants).
 FORMATS = frozenset({"WAV", "WAVEX", "RF64", "OGG", "MP3", "FLAC"})
@@ -77,6 +78,16 @@ class LibrosaAudioEncoder(Encoder):
 
     name = "librosa-mel-mfcc"
     modality = "audio"
+    vector_options = ("sample_rate", "max_duration_s")
+
+    @classmethod
+    def fixed_settings(cls) -> dict[str, Any]:
+        """No weights: the feature configuration and the libraries that compute it (soxr resamples)."""
+        return {
+            "n_fft": N_FFT, "hop": HOP, "n_mels": N_MELS, "fmin": FMIN, "fmax": FMAX, "trim_db": TRIM_DB,
+            "top_db": TOP_DB, "shape_floor_db": SHAPE_FLOOR_DB, "n_mfcc": N_MFCC, "groups": GROUPS,
+            "librosa": package_version("librosa"), "soxr": package_version("soxr"),
+        }
 
     def __init__(self, sample_rate: int = 22050, max_duration_s: float = 30.0) -> None:
         import librosa  # imported here: its numba kernels compile on first import (~16 s)

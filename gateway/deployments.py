@@ -19,6 +19,7 @@ from fusionrec.fusion.registry import get_fusion_model
 from fusionrec.gateway.config import BatchConfig, EncoderConfig, FusionConfig, StoreConfig
 from fusionrec.core.errors import FailedPrecondition
 from fusionrec.retrieval.base import InteractionEvent, StoredItem, StoreSchema
+from fusionrec.retrieval.content import open_content_store
 from fusionrec.retrieval.engine import RetrievalEngine
 from fusionrec.retrieval.query import Ranked, RecommendQuery
 
@@ -145,7 +146,6 @@ class FusionDeployment:
         return self._model(version).item_vectors(items, item_ids)
 
 
-
 @serve.deployment
 class RetrievalDeployment:
     """The only owner of the Milvus data: serves a RetrievalEngine (retrieval/engine.py).
@@ -166,7 +166,8 @@ class RetrievalDeployment:
         self.engine = await asyncio.to_thread(
             RetrievalEngine.open, cfg.uri, schema, token=cfg.token, items_collection=cfg.items_collection,
             interactions_collection=cfg.interactions_collection, search_backend=cfg.search_backend,
-            index_params=cfg.index_params, flush_every_rows=cfg.flush_every_rows)
+            index_params=cfg.index_params, flush_every_rows=cfg.flush_every_rows,
+            content=open_content_store(cfg.content_uri) if cfg.retain_content else None)
         self._models: dict[str, Any] = {}
         self._unsettled = 0  # items written since the last settle_heap()
         self._settle_lock = threading.Lock()
@@ -192,8 +193,9 @@ class RetrievalDeployment:
     def count(self) -> int:
         return self.engine.count()
 
-    def upsert(self, items: list[StoredItem]) -> int:
-        n = self.engine.upsert(items)
+    def upsert(self, items: list[StoredItem], contents: list[dict[str, str | bytes]] | None = None) -> int:
+        """Store items; ``contents`` (per item, modality -> raw content) is kept when retention is on."""
+        n = self.engine.upsert(items, contents)
         with self._settle_lock:
             self._unsettled += n
             if self._unsettled >= SETTLE_EVERY_ITEMS:  # bulk loads: freeze what they built, amortised
@@ -203,6 +205,10 @@ class RetrievalDeployment:
 
     def delete(self, item_ids: list[str]) -> list[str]:
         return self.engine.delete(item_ids)
+
+    def read_content(self, item_id: str, modality: str) -> bytes:
+        """The raw content kept for one item's modality (RetrievalEngine.read_content)."""
+        return self.engine.read_content(item_id, modality)
 
     def get(self, item_ids: list[str]) -> dict[str, StoredItem]:
         return self.engine.get(item_ids)
@@ -247,6 +253,10 @@ class RetrievalDeployment:
 
     def record_interactions(self, events: list[InteractionEvent]) -> int:
         return self.engine.record_interactions(events)
+
+    async def training_snapshot(self) -> dict[str, Any]:
+        """Items' modality vectors and every interaction (RetrievalEngine.training_snapshot), off the loop."""
+        return await asyncio.to_thread(self.engine.training_snapshot)
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

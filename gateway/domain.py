@@ -51,6 +51,8 @@ class ItemView:
     modalities: list[str]
     encoder_versions: dict[str, str]
     model_version: str
+    #: modalities whose raw content is kept (content retention)
+    content_kept: list[str] = field(default_factory=list)
 
 
 __all__ = ["FilterSpec", "InteractionEvent", "QueryContent", "RecommendQuery", "ScoredItem",

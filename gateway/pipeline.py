@@ -14,7 +14,7 @@ import numpy as np
 
 from fusionrec.encoders.base import InvalidContent
 from fusionrec.gateway.config import LimitsConfig, ServerConfig
-from fusionrec.gateway.domain import (InteractionEvent, ItemInput, ItemView, Recommendation,
+from fusionrec.gateway.domain import (InteractionEvent, ItemInput, ItemView, Ranked, Recommendation,
                             RecommendQuery, ScoredItem)
 from fusionrec.core.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from fusionrec.retrieval.base import SchemaMismatch, StoredItem
@@ -38,6 +38,11 @@ class _Stages:
         now = time.perf_counter()
         self.ms[stage] = (now - self._t) * 1000
         self._t = now
+
+
+def _basis(ranked: Ranked) -> list[str]:
+    """What the ranking rests on besides query content: the user's history, or popularity."""
+    return ["popular"] if ranked.popular else ["history"] if ranked.used_history else []
 
 
 class Recommender:
@@ -76,16 +81,11 @@ class Recommender:
         if q.query.by_modality:
             stages.mark("encode")
         self._check_deadline(deadline, "retrieval")
-        try:
+        # Nothing personal to go on (no history; no query, or none encoded in time): popular items.
+        ranked = await self.retrieval.recommend.remote(q, query, self.model_version, self.limits.max_history)
+        if ranked is None:  # re-indexed with another fusion model meanwhile: follow it, once
+            await self.load()
             ranked = await self.retrieval.recommend.remote(q, query, self.model_version, self.limits.max_history)
-            if ranked is None:  # re-indexed with another fusion model meanwhile: follow it, once
-                await self.load()
-                ranked = await self.retrieval.recommend.remote(q, query, self.model_version, self.limits.max_history)
-        except NotFound:
-            if dropped:
-                raise DeadlineExceeded("no query modality could be encoded in time: "
-                                       + "; ".join(f"{m}: {why}" for m, why in dropped.items())) from None
-            raise
         if ranked is None:
             raise Unavailable("the store is being re-indexed with a new fusion model; retry")
         stages.mark("retrieve_and_rank")
@@ -96,7 +96,7 @@ class Recommender:
         items.sort(key=lambda it: -it.score)
         return Recommendation(
             items=items, request_id=uuid.uuid4().hex,
-            modalities_used=(["history"] if ranked.used_history else []) + sorted(query),
+            modalities_used=_basis(ranked) + sorted(query),
             modalities_dropped=dropped, model_version=self.model_version,
             encoder_versions=dict(self.encoder_versions),
             timings_ms=stages.ms if q.debug_timings else {})
@@ -155,7 +155,8 @@ class Recommender:
                                  fused=fused[i], encoder_versions=versions[i], model_version=version)
                       for i, item in enumerate(items)]
             try:
-                return await self.retrieval.upsert.remote(stored)
+                # the raw content goes along: the Retrieval replica keeps it (content retention)
+                return await self.retrieval.upsert.remote(stored, [dict(item.content.by_modality) for item in items])
             except SchemaMismatch:
                 if attempt == 2:
                     raise
@@ -194,7 +195,7 @@ class Recommender:
         item = found[item_id]
         return ItemView(item_id=item.item_id, attributes=item.attributes,
                         modalities=sorted(item.modality_vectors), encoder_versions=item.encoder_versions,
-                        model_version=item.model_version)
+                        model_version=item.model_version, content_kept=sorted(item.content or {}))
 
     async def record(self, events: list[InteractionEvent]) -> int:
         check_interactions(events, self.limits)

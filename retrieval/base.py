@@ -18,6 +18,8 @@ class StoredItem:
 
     modality_vectors: modality -> (dim_m,) float32, only the modalities the item has.
     fused: (fused_dim,) float32, the item tower's output.
+    content: modality -> sha256 of the raw content kept in the content store
+        (retrieval/content.py); empty when none was kept.
     """
 
     item_id: str
@@ -26,6 +28,7 @@ class StoredItem:
     fused: np.ndarray
     encoder_versions: dict[str, str]
     model_version: str
+    content: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,8 +106,14 @@ class ItemStore(ABC):
         k: int,
         filters: list[FilterSpec] | None = None,
         exclude_ids: set[str] | None = None,
+        only_ids: set[str] | None = None,
     ) -> list[Candidate]:
-        """Top-k items by inner product with query ((fused_dim,) float32), best first."""
+        """Top-k items by inner product with query ((fused_dim,) float32), best first; with
+        ``only_ids``, among those items only."""
+
+    @abstractmethod
+    def popularity(self) -> list[tuple[str, int]]:
+        """(item id, recorded interactions), most interacted first; items never interacted with absent."""
 
     @abstractmethod
     def count(self) -> int:

@@ -15,11 +15,16 @@ import numpy as np
 
 from fusionrec.core.errors import InvalidArgument, NotFound
 from fusionrec.fusion.base import FusionModel
-from fusionrec.retrieval.base import InteractionEvent, StoredItem, StoreSchema
+from fusionrec.retrieval.base import Candidate, FilterSpec, InteractionEvent, StoredItem, StoreSchema
+from fusionrec.retrieval.content import ContentStore
 from fusionrec.retrieval.query import Ranked, RecommendQuery
 
 if TYPE_CHECKING:
     from fusionrec.retrieval.milvus import MilvusStore
+
+
+#: Popular items are looked up this many ids at a time, most popular first, until k pass the filters.
+POPULAR_CHUNK = 1024
 
 
 class RetrievalEngine:
@@ -30,15 +35,19 @@ class RetrievalEngine:
     write lock. Thread-safe.
     """
 
-    def __init__(self, store: MilvusStore) -> None:
+    def __init__(self, store: MilvusStore, content: ContentStore | None = None) -> None:
         self.store = store
+        #: where items' raw content is kept (retrieval/content.py); None: content is not kept
+        self.content = content
         self._lock = threading.RLock()  # one client call at a time: Milvus Lite is single-threaded
 
     @classmethod
     def open(cls, uri: str, schema: StoreSchema, *, token: str = "", items_collection: str = "items",
              interactions_collection: str = "interactions", search_backend: str = "memory",
-             index_params: dict[str, Any] | None = None, flush_every_rows: int | None = None) -> "RetrievalEngine":
-        """Open (or create) the Milvus store at ``uri`` (options: see MilvusStore).
+             index_params: dict[str, Any] | None = None, flush_every_rows: int | None = None,
+             content: ContentStore | None = None) -> "RetrievalEngine":
+        """Open (or create) the Milvus store at ``uri`` (options: see MilvusStore); ``content``
+        keeps the raw content of upserted items (None: not kept).
 
         A store whose fused vectors come from another fusion model than ``schema`` names opens
         as stored (``self.schema``); ``reindex`` moves it to the configured model.
@@ -48,7 +57,7 @@ class RetrievalEngine:
         return cls(MilvusStore(uri, schema, items_collection=items_collection,
                                interactions_collection=interactions_collection, token=token,
                                search_backend=search_backend, index_params=index_params,
-                               accept_stored_model=True, flush_every_rows=flush_every_rows))
+                               accept_stored_model=True, flush_every_rows=flush_every_rows), content)
 
     @property
     def schema(self) -> StoreSchema:
@@ -64,10 +73,40 @@ class RetrievalEngine:
         with self._lock:
             return self.store.count()
 
-    def upsert(self, items: list[StoredItem]) -> int:
+    def upsert(self, items: list[StoredItem], contents: list[dict[str, str | bytes]] | None = None) -> int:
+        """Insert or replace items.
+
+        Args:
+            contents: per item (same order), modality -> the raw content its vector was encoded
+                from. With a content store, it is kept first and its hashes recorded with the
+                item (``StoredItem.content``); a write that fails afterwards may leave kept
+                content no item refers to, which is harmless (content is keyed by hash).
+        """
+        if contents is not None and self.content is not None:
+            if len(contents) != len(items):
+                raise ValueError(f"{len(contents)} contents for {len(items)} items")
+            items = [replace(it, content={**(it.content or {}), **self.content.put_many(c)}) if c else it
+                     for it, c in zip(items, contents)]
         with self._lock:
             self.store.upsert(items)
         return len(items)
+
+    def read_content(self, item_id: str, modality: str) -> bytes:
+        """The raw content kept for ``item_id``'s ``modality`` (text as UTF-8), e.g. to re-encode it.
+
+        Deleting an item leaves its content kept (shared by hash with other items).
+
+        Raises:
+            NotFound: no such item, no content kept for that modality, or no content store.
+        """
+        with self._lock:
+            item = self.store.get([item_id]).get(item_id)
+        if item is None:
+            raise NotFound(f"item {item_id!r} does not exist")
+        digest = (item.content or {}).get(modality)
+        if digest is None or self.content is None:
+            raise NotFound(f"item {item_id!r} has no {modality} content kept")
+        return self.content.get(digest)
 
     def delete(self, item_ids: list[str]) -> list[str]:
         with self._lock:
@@ -119,8 +158,9 @@ class RetrievalEngine:
         Returns:
             the ranked candidates, or None when ``model`` is not the one the stored vectors
             were made with (the store was re-indexed meanwhile).
+            With no usable history and no query content, the most popular items that pass the
+            filters and exclusions (``Ranked.popular``; see ``popular``).
         Raises:
-            NotFound: no usable history and no query content.
             InvalidArgument: the model cannot use the request (e.g. an unknown query modality).
         """
         if model.version != self.schema.model_version:
@@ -128,8 +168,7 @@ class RetrievalEngine:
         with self._lock:
             history_ids, history = self._history(q, model.dim, history_limit)
             if not len(history) and not query:
-                raise NotFound(f"user {q.user_id!r} has no recorded interactions and the request carries "
-                               "no usable history or query content; send history_item_ids or query content")
+                return self.popular(q.k, q.filters, set(q.exclude_item_ids))
             try:
                 user = model.user_vector(history, query)
             except ValueError as err:  # e.g. a query only in modalities this model was not trained on
@@ -140,6 +179,32 @@ class RetrievalEngine:
             return Ranked([], [], {}, bool(len(history)))
         fused = np.stack([c.fused for c in candidates])
         return Ranked(candidates, (fused @ user).tolist(), model.contributions(user, fused), bool(len(history)))
+
+    def popular(self, k: int, filters: list[FilterSpec] | None = None, exclude: set[str] | None = None,
+                chunk: int = POPULAR_CHUNK) -> Ranked:
+        """The k most interacted-with stored items that pass ``filters`` and are not in ``exclude``;
+        if fewer than k ever had an interaction, other matching items fill the list (score 0).
+
+        Scores are each item's share of all recorded interactions, attributed to the part "popularity".
+        """
+        zero = np.zeros(self.schema.fused_dim, np.float32)
+        exclude = set(exclude or ())
+        with self._lock:
+            ranked = self.store.popularity()
+            counts = dict(ranked)
+            picked: list[Candidate] = []
+            for start in range(0, len(ranked), chunk):  # most popular first, a chunk of ids at a time
+                ids = {item_id for item_id, _ in ranked[start:start + chunk]}
+                found = self.store.search(zero, len(ids), filters, exclude, only_ids=ids)
+                picked += sorted(found, key=lambda c: (-counts[c.item_id], c.item_id))
+                if len(picked) >= k:
+                    break
+            picked = picked[:k]
+            if len(picked) < k:
+                picked += self.store.search(zero, k - len(picked), filters, exclude | {c.item_id for c in picked})
+        total = max(sum(counts.values()), 1)
+        scores = np.array([counts.get(c.item_id, 0) / total for c in picked], np.float32)
+        return Ranked(picked, scores.tolist(), {"popularity": scores}, used_history=False, popular=True)
 
     def _history(self, q: RecommendQuery, dim: int, limit: int) -> tuple[list[str], np.ndarray]:
         if q.history_item_ids:
@@ -163,3 +228,31 @@ class RetrievalEngine:
 
         new_schema = replace(self.schema, fused_dim=model.dim, model_version=model.version)
         return self.store.reindex(new_schema, fused_for, batch_size)
+
+    # ----------------------------------------------------------------- training
+
+    def training_snapshot(self, batch_size: int = 1000) -> dict[str, Any]:
+        """Every item's per-modality vectors and every recorded interaction, for training the fusion
+        model on the store (``fusionrec train --from-store``; fusionrec.fusion.train.from_store).
+
+        Returns:
+            ``item_ids`` (n,); ``vectors`` modality -> (n, dim_m) float32 (zero rows where absent);
+            ``present`` modality -> (n,) bool; ``events`` (user_id, item_id, timestamp_s) ordered by
+            user, then time; ``modality_dims``, ``encoder_versions`` and ``model_version`` of the store.
+        """
+        with self._lock:
+            schema = self.schema
+            item_ids: list[str] = []
+            vectors: dict[str, list[np.ndarray]] = {m: [] for m in schema.modality_dims}
+            for batch in self.store.iter_items(batch_size):
+                for item in batch:
+                    item_ids.append(item.item_id)
+                    for m, rows in vectors.items():
+                        rows.append(item.modality_vectors.get(m))
+            events = [(e.user_id, e.item_id, e.timestamp_s) for e in self.store.interactions()]
+        present = {m: np.array([v is not None for v in rows], dtype=bool) for m, rows in vectors.items()}
+        matrices = {m: np.stack([np.zeros(schema.modality_dims[m], np.float32) if v is None else v for v in rows])
+                    if rows else np.zeros((0, schema.modality_dims[m]), np.float32) for m, rows in vectors.items()}
+        return {"item_ids": item_ids, "vectors": matrices, "present": present, "events": events,
+                "modality_dims": dict(schema.modality_dims), "encoder_versions": dict(schema.encoder_versions),
+                "model_version": schema.model_version}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 from fusionrec.core.rules import check_id, check_kind
 from fusionrec.retrieval.base import InteractionEvent, SchemaMismatch
@@ -43,6 +44,8 @@ class InteractionLog:
         self.conn = conn
         self.collection = collection
         self._cache = cache
+        self._counts: Counter[str] = Counter()  # item id -> recorded interactions
+        self._ranked: list[tuple[str, int]] | None = None  # _counts sorted, until the next record
 
     def open(self) -> None:
         """Create or check the collection, load it, and fill the cache from a full scan."""
@@ -65,6 +68,7 @@ class InteractionLog:
         for batch in self.conn.iterate(name, _SCAN_BATCH, _FIELDS):
             for r in batch:
                 per_user.setdefault(r[F_USER], []).append(_entry(r))
+                self._counts[r[F_ITEM]] += 1
         self._cache.load(per_user)
 
     def record(self, events: list[InteractionEvent]) -> None:
@@ -93,7 +97,22 @@ class InteractionLog:
             ev = InteractionEvent(r[F_USER], r[F_ITEM], r[F_KIND], r[F_TS])
             by_user.setdefault(ev.user_id, []).append((ev.timestamp_s, pk, ev))
         self._cache.recorded(by_user)
+        self._counts.update(r[F_ITEM] for r in rows)
+        self._ranked = None
         self.conn.after_write(self.collection, len(rows))
+
+    def popularity(self) -> list[tuple[str, int]]:
+        """(item id, events), most first; ties by id so the order is stable. Sorted once per write."""
+        ranked = self._ranked
+        if ranked is None:
+            ranked = self._ranked = sorted(self._counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return ranked
+
+    def events(self) -> list[InteractionEvent]:
+        """Every recorded event, from the collection (not the cache), ordered by (user, time, write order)."""
+        entries = [_entry(r) for batch in self.conn.iterate(self.collection, _SCAN_BATCH, _FIELDS) for r in batch]
+        entries.sort(key=lambda e: (e[2].user_id, e[0], e[1]))
+        return [e[2] for e in entries]
 
     def history(self, user_id: str, limit: int) -> list[InteractionEvent]:
         limit = int(limit)

@@ -94,6 +94,11 @@ def active_items(conn: MilvusConnection, names: CollectionNames) -> str:
     return names.items
 
 
+def has_field(conn: MilvusConnection, collection: str, field_name: str) -> bool:
+    """Whether ``collection`` has a field ``field_name`` (older stores lack newer fields)."""
+    return any(f.get("name") == field_name for f in conn.client.describe_collection(collection).get("fields", []))
+
+
 def _create_items(conn: MilvusConnection, names: CollectionNames, active: str, schema: StoreSchema) -> str:
     c = conn.client
     if c.has_collection(names.mvec):

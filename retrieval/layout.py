@@ -7,7 +7,8 @@
   every filter that falls back to row-wise evaluation in Lite pays for them.
 - ``<items>_modality_vectors``: ``id`` pk, one ``vec_<modality>`` FLOAT_VECTOR per
   modality (zeros when absent; FLAT/IP), ``modalities`` ARRAY<VARCHAR> (which ones the
-  item has), ``versions`` JSON (modality -> encoder version). Written before the item row,
+  item has), ``versions`` JSON (modality -> encoder version), ``content`` JSON (modality ->
+  sha256 of the kept raw content; absent in stores created before content retention). Written before the item row,
   deleted after it. Its properties also record which items collection is active
   (``PROP_ACTIVE_ITEMS``) once the store has been re-indexed (Lite has no aliases).
 - ``<interactions>``: ``pk`` INT64 auto-id, ``user_id``, ``item_id``, ``kind`` VARCHAR,
@@ -37,6 +38,7 @@ MVEC_SUFFIX = "_modality_vectors"
 VEC_PREFIX = "vec_"
 F_MODALITIES = "modalities"
 F_VERSIONS = "versions"
+F_CONTENT = "content"  # may be missing from stores created before content retention
 F_MVEC_DUMMY = "dummy_vec"  # only when the schema has no modality at all
 
 F_PK = "pk"
@@ -112,6 +114,7 @@ def modality_vectors_schema(modality_dims: dict[str, int]):
         max_length=MODALITY_NAME_MAX,
     )
     s.add_field(F_VERSIONS, DataType.JSON)
+    s.add_field(F_CONTENT, DataType.JSON)
     return s, idx
 
 

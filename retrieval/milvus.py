@@ -35,8 +35,8 @@ from fusionrec.retrieval.connection import MilvusConnection
 from fusionrec.retrieval.expressions import id_list
 from fusionrec.retrieval.history import HistoryCache
 from fusionrec.retrieval.interactions import InteractionLog
-from fusionrec.retrieval.item_collections import CollectionNames, open_items
-from fusionrec.retrieval.layout import F_FUSED, F_ID, MILVUS_MAX_TOPK, PROP_ACTIVE_ITEMS, QUERY_CHUNK
+from fusionrec.retrieval.item_collections import CollectionNames, has_field, open_items
+from fusionrec.retrieval.layout import F_CONTENT, F_FUSED, F_ID, MILVUS_MAX_TOPK, PROP_ACTIVE_ITEMS, QUERY_CHUNK
 from fusionrec.retrieval.mirror import ItemMirror
 from fusionrec.retrieval.reindex import ReindexFn, build_items, check_reindex_schema, next_items_name
 from fusionrec.retrieval.rows import ItemRows, attrs_from_row
@@ -99,7 +99,10 @@ class MilvusStore(ItemStore):
         try:
             # the collection holding the items now (see reindex), and what it holds
             self._items, self.schema = open_items(self._conn, names, schema, accept_stored_model)
-            self._rows = ItemRows(self.schema)
+            self._rows = ItemRows(self.schema, has_field(self._conn, names.mvec, F_CONTENT))
+            if not self._rows.content_field:
+                logger.warning("store %s predates content retention: kept content is not recorded per item "
+                               "(re-ingest into a new store to record it)", self._conn.where)
             self._log = InteractionLog(self._conn, interactions_collection, history)
             self._log.open()
             if search_backend == "memory":
@@ -191,6 +194,7 @@ class MilvusStore(ItemStore):
         k: int,
         filters: list[FilterSpec] | None = None,
         exclude_ids: set[str] | None = None,
+        only_ids: set[str] | None = None,
     ) -> list[Candidate]:
         q = as_vector(query, self.schema.fused_dim, "query")
         k = int(k)
@@ -201,8 +205,8 @@ class MilvusStore(ItemStore):
         excluded = set(exclude_ids or ())
         mirror = self._mirror
         if mirror is not None:
-            return search_mirror(mirror, q, k, filters, excluded)
-        return search_milvus(self._conn, self._items, q, k, filters, excluded)
+            return search_mirror(mirror, q, k, filters, excluded, only_ids)
+        return search_milvus(self._conn, self._items, q, k, filters, excluded, only_ids)
 
     def count(self) -> int:
         return self._conn.count(self._items)
@@ -240,7 +244,7 @@ class MilvusStore(ItemStore):
         """
         check_reindex_schema(self.schema, new_schema)
         batch_size = max(1, min(int(batch_size), MILVUS_MAX_TOPK))
-        rows = ItemRows(new_schema)
+        rows = ItemRows(new_schema, self._rows.content_field)
         with self._write_lock:
             old, new = self._items, next_items_name(self.items_collection, self._items)
             mirror = ItemMirror(new_schema.fused_dim, **self._index_params) if self._mirror is not None else None
@@ -264,3 +268,10 @@ class MilvusStore(ItemStore):
 
     def history(self, user_id: str, limit: int) -> list[InteractionEvent]:
         return self._log.history(user_id, limit)
+
+    def interactions(self) -> list[InteractionEvent]:
+        """Every recorded interaction, ordered by (user, time)."""
+        return self._log.events()
+
+    def popularity(self) -> list[tuple[str, int]]:
+        return self._log.popularity()

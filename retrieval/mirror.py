@@ -167,12 +167,17 @@ class ItemMirror:
         k: int,
         filters: list[FilterSpec] | None = None,
         exclude_ids: set[str] | None = None,
+        only_ids: set[str] | None = None,
     ) -> list[Candidate]:
         """Top-k by inner product, same contract as ItemStore.search (inputs already checked)."""
         self._lock.acquire_read()
         try:
             n = self._index.n_slots
             mask = self._attrs.mask(filters) if filters else None
+            if only_ids is not None:
+                only = np.zeros(n, dtype=bool)
+                only[[self._slot_of[i] for i in only_ids if i in self._slot_of]] = True
+                mask = only if mask is None else mask & only
             excluded = [self._slot_of[i] for i in exclude_ids or () if i in self._slot_of]
             if excluded:
                 if mask is None:

@@ -36,6 +36,8 @@ class Ranked:
     scores: list[float]
     contributions: dict[str, np.ndarray]
     used_history: bool
+    #: Nothing personal to go on (no history, no query): the candidates are the most popular items.
+    popular: bool = False
 
 
 __all__ = ["QueryContent", "RecommendQuery", "Ranked"]

@@ -8,10 +8,12 @@ import numpy as np
 
 from fusionrec.core.rules import as_vector, check_attr_value, check_id
 from fusionrec.retrieval.base import AttributeValue, SchemaMismatch, StoredItem, StoreSchema
+from fusionrec.retrieval.content import check_digest
 from fusionrec.retrieval.expressions import attr_field
 from fusionrec.retrieval.layout import (
     ATTR_PREFIX,
     DUMMY_DIM,
+    F_CONTENT,
     F_FUSED,
     F_ID,
     F_MODALITIES,
@@ -30,10 +32,17 @@ def attrs_from_row(row: dict) -> dict[str, AttributeValue]:
 
 
 class ItemRows:
-    """The rows of one StoreSchema: what a write stores and what a read assembles."""
+    """The rows of one StoreSchema: what a write stores and what a read assembles.
 
-    def __init__(self, schema: StoreSchema) -> None:
+    Args:
+        content_field: whether the modality-vectors collection has the ``content`` field
+            (stores created before content retention lack it: content hashes are then not
+            written, and read back as none).
+    """
+
+    def __init__(self, schema: StoreSchema, content_field: bool = True) -> None:
         self.schema = schema
+        self.content_field = content_field
         self.modalities = sorted(schema.modality_dims)
         #: approximate bytes of one row, to size write calls
         self.item_row_bytes = 4 * schema.fused_dim + 1024
@@ -85,7 +94,16 @@ class ItemRows:
             mrow[F_MVEC_DUMMY] = np.zeros(DUMMY_DIM, dtype=np.float32)
         mrow[F_MODALITIES] = sorted(versions)
         mrow[F_VERSIONS] = versions
+        if self.content_field:
+            mrow[F_CONTENT] = self._content(item_id, item)
         return mrow
+
+    def _content(self, item_id: str, item: StoredItem) -> dict[str, str]:
+        content = dict(item.content or {})
+        unknown = set(content) - set(self.schema.modality_dims)
+        if unknown:
+            raise ValueError(f"item {item_id!r}: content kept for unknown modalities {sorted(unknown)}")
+        return {m: check_digest(h) for m, h in sorted(content.items())}
 
     def assemble(self, irows: dict[str, dict], mrows: dict[str, dict]) -> dict[str, StoredItem]:
         """StoredItems from items rows and their modality-vectors rows, by id."""
@@ -106,6 +124,7 @@ class ItemRows:
                 fused=vec_out(ir[F_FUSED]),
                 encoder_versions={m: versions.get(m, self.schema.encoder_versions.get(m, "")) for m in vectors},
                 model_version=ir.get(F_MODEL_VERSION, ""),
+                content=dict(mr.get(F_CONTENT) or {}),  # absent in stores older than content retention
             )
         return out
 

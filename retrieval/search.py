@@ -12,7 +12,7 @@ import numpy as np
 from fusionrec.core.rules import storable_id
 from fusionrec.retrieval.base import AttributeValue, Candidate, FilterSpec
 from fusionrec.retrieval.connection import MilvusConnection
-from fusionrec.retrieval.expressions import build_filter, filter_clause
+from fusionrec.retrieval.expressions import build_filter, filter_clause, id_list
 from fusionrec.retrieval.layout import F_FUSED, F_ID, search_params, vec_out
 from fusionrec.retrieval.mirror import ItemMirror
 from fusionrec.retrieval.rows import attrs_from_row
@@ -37,22 +37,28 @@ def load_mirror(conn: MilvusConnection, collection: str, fused_dim: int, index_p
 
 
 def search_mirror(
-    mirror: ItemMirror, q: np.ndarray, k: int, filters: list[FilterSpec] | None, excluded: set[str]
+    mirror: ItemMirror, q: np.ndarray, k: int, filters: list[FilterSpec] | None, excluded: set[str],
+    only_ids: set[str] | None = None,
 ) -> list[Candidate]:
     for spec in filters or []:  # same validation (and errors) as the Milvus path
         if filter_clause(spec) is None:
             return []
     excluded = {i for i in excluded if storable_id(i)}
-    return mirror.search(q, k, filters, excluded)
+    return mirror.search(q, k, filters, excluded, only_ids)
 
 
 def search_milvus(
     conn: MilvusConnection, collection: str, q: np.ndarray, k: int, filters: list[FilterSpec] | None,
-    excluded: set[str],
+    excluded: set[str], only_ids: set[str] | None = None,
 ) -> list[Candidate]:
     expr = build_filter(filters, excluded)
     if expr is None:
         return []
+    if only_ids is not None:
+        only = sorted(i for i in only_ids if storable_id(i))
+        if not only:
+            return []
+        expr = f"({expr}) and {F_ID} in {id_list(only)}" if expr else f"{F_ID} in {id_list(only)}"
     res = conn.client.search(
         collection,
         data=[q],

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-#: Modality groups used by the ablations ("audio" = every precomputed audio feature).
-MODALITY_GROUPS: dict[str, tuple[str, ...]] = {"text": ("text",), "audio": ("vggish", "whisper"),
+#: Modality groups used by the ablations ("audio" = every precomputed audio feature and the platform's own
+#: audio encoder's vectors).
+MODALITY_GROUPS: dict[str, tuple[str, ...]] = {"text": ("text",), "audio": ("vggish", "whisper", "audio"),
                                                "image": ("image",)}
 
 

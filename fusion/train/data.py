@@ -29,6 +29,8 @@ class InteractionData:
         held_out: item ids held out of training entirely (the cold-item protocol): not in the
             catalog while training, so no negatives and no say in any mean. Catalog items that
             merely lack train interactions are not held out: nobody chose them, which is signal.
+        present: modality -> (n_items,) bool, items that have it (absent modality: every item);
+            an absent item's row holds a filler the net masks out, as serving does.
     """
 
     name: str
@@ -42,6 +44,7 @@ class InteractionData:
     split: str
     item_names: list[str] = field(default_factory=list)
     held_out: np.ndarray | None = None
+    present: dict[str, np.ndarray] = field(default_factory=dict)
     _by_user: dict = field(default_factory=dict, repr=False, compare=False)
 
     def user_items(self, part: str = "train") -> list[np.ndarray]:
@@ -68,7 +71,7 @@ def encode_text_cached(texts: list[str], cache_dir: Path, tag: str,
     """
     from fusionrec.encoders.registry import encoder_class
 
-    version = f"{TEXT_ENCODER}@{encoder_class(TEXT_ENCODER).weights_version}"
+    version = encoder_class(TEXT_ENCODER).version_for()  # default options, as get_encoder below
     digest = hashlib.sha1("\n".join(texts).encode()).hexdigest()[:12]
     path = cache_dir / f"{tag}-text-{version.replace('@', '-')}-{digest}.npy"
     if path.exists():

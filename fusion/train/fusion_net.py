@@ -23,11 +23,13 @@ class FusionNet(nn.Module):
         cold: how items outside ``known`` borrow from warm ones (keys over the ``known`` rows), or None.
         catalog: (n_items,) bool, items in the catalog while training (default all): the others are
             held out entirely (no negative, no alignment sample).
+        present: modality -> (n_items,) bool, items that have it (default all); absent ones are masked
+            as serving masks them.
     """
 
     def __init__(self, features: dict[str, torch.Tensor], n_items: int, use_id: bool, known: torch.Tensor,
                  graph: torch.Tensor | None, cfg: TrainConfig, cold: ColdStart | None = None,
-                 catalog: torch.Tensor | None = None) -> None:
+                 catalog: torch.Tensor | None = None, present: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.features = features
@@ -35,6 +37,7 @@ class FusionNet(nn.Module):
         self.known = known
         self.catalog = torch.ones(n_items, dtype=torch.bool) if catalog is None else catalog
         self.graph = graph
+        self.present = {m: (present or {}).get(m, torch.ones(n_items, dtype=torch.bool)) for m in features}
         self.cold = cold if cfg.normalize else None  # borrowing mixes unit vectors
         self._warm_rows = known.nonzero().squeeze(1)
         self._cold_rows = (~known).nonzero().squeeze(1)
@@ -69,22 +72,25 @@ class FusionNet(nn.Module):
         if variant.use_id and mods and cfg.cold_share > 0:
             cold = ColdStart.fit(data.features, known.numpy(), tuple(neighbour_mods), cfg.cold_k, cfg.cold_share)
         graph = _item_graph(data, cfg, neighbour_mods, known, catalog) if variant.graph else None
-        return cls(feats, data.n_items, variant.use_id, known, graph, cfg, cold, catalog)
+        present = {m: torch.as_tensor(data.present[m], dtype=torch.bool) for m in mods if m in data.present}
+        return cls(feats, data.n_items, variant.use_id, known, graph, cfg, cold, catalog, present)
 
     def item_blocks(self, train: bool) -> torch.Tensor:
         """(n_items, P, block_dim) blocks of every item, with modality/id dropout when training."""
         n = self.n_items
-        present = {m: torch.ones(n, dtype=torch.bool) for m in self.features}
+        present = {m: self.present[m].clone() for m in self.features}
         id_present = self.known.clone()
         if train and self.cfg.modality_dropout > 0 and len(self.features) > 1:
             for m in present:
-                present[m] = torch.rand(n) >= self.cfg.modality_dropout
+                present[m] &= torch.rand(n) >= self.cfg.modality_dropout
         if train and self.cfg.id_dropout > 0 and self.features:
             id_present &= torch.rand(n) >= self.cfg.id_dropout
-        if self.features:  # never drop everything: restore the first content modality
-            stacked = torch.stack(list(present.values()), 1)
-            first = next(iter(present))
-            present[first] = present[first] | ~stacked.any(1)
+        if self.features:  # never drop everything: restore the item's first content modality
+            nothing = ~torch.stack(list(present.values()), 1).any(1)
+            for m in present:
+                restore = nothing & self.present[m]
+                present[m] = present[m] | restore
+                nothing = nothing & ~restore
         return self.item_tower(self.features, present, torch.arange(n), id_present)
 
     def propagate(self, blocks: torch.Tensor) -> torch.Tensor:

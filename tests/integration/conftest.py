@@ -60,12 +60,14 @@ def service(tmp_path_factory):
     trace = HealthTrace(f"127.0.0.1:{port}")
     trace.start()
     db = tmp_path_factory.mktemp("milvus") / "items.db"
-    overrides = {"server": {"port": port}, "store": {"uri": str(db)}}
+    content = tmp_path_factory.mktemp("content")  # kept raw content (content retention)
+    overrides = {"server": {"port": port}, "store": {"uri": str(db), "content_uri": str(content)}}
     running = start(default_config(), overrides=overrides, num_cpus=2)
     running.overrides = overrides
     trace.join(timeout=60)
     running.health_trace = trace.seen
     running.db_path = db
+    running.content_dir = content
     try:
         yield running
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,15 @@ def _code(call, *args, **kwargs) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:
         call(*args, **kwargs)
     return info.value.code(), info.value.details()
+
+
+def _exists(client, item_id: str) -> bool:
+    try:
+        client.stub.GetItem(pb.GetItemRequest(item_id=item_id))
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        return False
+    return True
 
 
 def _attr(item: pb.ScoredItem, name: str):
@@ -75,6 +85,20 @@ def test_upserted_items_keep_all_modalities(client, loaded):
     assert list(item.modalities) == ["audio", "image", "text"]
     assert set(item.encoder_versions) == {"audio", "image", "text"}
     assert item.attributes["category"].string_value == loaded["items"]["item-0003"]["attributes"]["category"]
+
+
+def test_upserted_content_is_kept_and_reads_back_from_the_content_folder(service, client, loaded, media_dir):
+    assert list(client.stub.GetItem(pb.GetItemRequest(item_id="item-0003")).content_kept) == ["audio", "image", "text"]
+    text, image = "a steaming cup of coffee on a wooden table", (media_dir / "images" / "coffee.png").read_bytes()
+    item = pb.ItemInput(item_id="kept-1", content=pb.Content(text=text, image=image))
+    assert client.stub.UpsertItems(pb.UpsertItemsRequest(items=[item])).upserted == 1
+    try:
+        assert list(client.stub.GetItem(pb.GetItemRequest(item_id="kept-1")).content_kept) == ["image", "text"]
+        for data in (text.encode("utf-8"), image):
+            digest = hashlib.sha256(data).hexdigest()
+            assert (service.content_dir / digest[:2] / digest).read_bytes() == data
+    finally:
+        client.stub.DeleteItems(pb.DeleteItemsRequest(item_ids=["kept-1"]))
 
 
 def test_recommend_by_user_excludes_seen_and_honours_k(client, loaded):
@@ -181,10 +205,25 @@ def test_bad_requests_get_invalid_argument_and_service_keeps_serving(client, loa
 
 def test_unknown_things_are_not_found(client, loaded):
     assert _code(client.stub.GetItem, pb.GetItemRequest(item_id="nope"))[0] == grpc.StatusCode.NOT_FOUND
-    assert _code(client.stub.Recommend, pb.RecommendRequest(user_id="stranger"))[0] == grpc.StatusCode.NOT_FOUND
     code, details = _code(client.stub.RecordInteractions, pb.RecordInteractionsRequest(
         interactions=[pb.Interaction(user_id="u", item_id="nope", kind="view")]))
     assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
+
+
+def test_a_cold_user_gets_popular_items_within_filters_and_exclusions(client, loaded):
+    counts = collections.Counter(e["item_id"] for e in loaded["events"])
+    ranked = sorted(counts, key=lambda i: (-counts[i], i))
+    existing = [i for i in ranked if _exists(client, i)]
+    reply = client.stub.Recommend(pb.RecommendRequest(user_id="stranger", k=5))
+    assert list(reply.modalities_used) == ["popular"] and not reply.degraded
+    assert [it.item_id for it in reply.items] == existing[:5]
+    assert [c.modality for c in reply.items[0].contributions] == ["popularity"]
+    category = loaded["items"][existing[0]]["attributes"]["category"]
+    reply = client.stub.Recommend(pb.RecommendRequest(
+        user_id="stranger", k=3, exclude_item_ids=[existing[0]],
+        filters=[pb.Filter(attribute="category", equals=pb.AttributeValue(string_value=category))]))
+    assert reply.items and existing[0] not in [it.item_id for it in reply.items]
+    assert {it.attributes["category"].string_value for it in reply.items} == {category}
 
 
 def test_upsert_rejects_bad_items_naming_item_and_field(client, loaded):

@@ -144,12 +144,37 @@ def test_exclusions_and_filters(engine, model):
     assert (none.candidates, none.scores, none.contributions, none.used_history) == ([], [], {}, False)
 
 
-def test_nothing_to_go_on_is_not_found(engine, model):
-    with pytest.raises(NotFound, match="'ghost' has no recorded interactions"):
-        engine.recommend(ask("ghost"), {}, model, 10)
-    with pytest.raises(NotFound):
-        engine.recommend(ask(history=("unknown",)), {}, model, 10)
-    assert ids(engine.recommend(ask("ghost"), text_query(0, 0, 1, 0), model, 10))[0] == "e"
+def _interact(engine, counts: dict[str, int]) -> None:
+    engine.record_interactions([InteractionEvent(f"u{n}", item_id, "click", float(n))
+                                for item_id, times in counts.items() for n in range(times)])
+
+
+def test_nothing_to_go_on_gives_the_most_popular_items(engine, model):
+    _interact(engine, {"c": 3, "e": 2, "a": 1})  # b, d, f never interacted with
+    cold = engine.recommend(ask("ghost"), {}, model, 10)
+    assert cold.popular and not cold.used_history
+    assert ids(cold) == ["c", "e", "a"]
+    assert cold.scores == pytest.approx([3 / 6, 2 / 6, 1 / 6])
+    np.testing.assert_allclose(cold.contributions["popularity"], cold.scores)
+    assert ids(engine.recommend(ask(history=("unknown",)), {}, model, 10)) == ["c", "e", "a"]
+    # Filters and exclusions hold; too few popular matches are filled with other matching items.
+    rock = [FilterSpec("genre", equals="rock")]
+    assert ids(engine.recommend(ask("ghost", filters=rock, exclude=("c",)), {}, model, 10)) == ["a"]
+    jazz = engine.recommend(ask("ghost", k=2, filters=[FilterSpec("genre", equals="jazz")]), {}, model, 10)
+    assert ids(jazz) == ["e", "f"] and jazz.scores == pytest.approx([2 / 6, 0.0])
+    # Query content is something to go on: no popularity then.
+    by_query = engine.recommend(ask("ghost"), text_query(0, 0, 1, 0), model, 10)
+    assert ids(by_query)[0] == "e" and not by_query.popular
+
+
+def test_popularity_follows_new_interactions_and_deletes(engine, model):
+    _interact(engine, {"a": 1})
+    assert ids(engine.popular(1)) == ["a"]
+    _interact(engine, {"d": 2})
+    assert ids(engine.popular(1)) == ["d"]
+    engine.delete(["d"])
+    assert ids(engine.popular(1)) == ["a"]
+    assert ids(engine.popular(2, chunk=1))[0] == "a"  # chunked lookups skip the deleted item
 
 
 def test_a_query_the_model_cannot_use_is_invalid(engine, model):

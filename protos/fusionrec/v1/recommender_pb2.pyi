@@ -213,7 +213,7 @@ class GetItemRequest(_message.Message):
     def __init__(self, item_id: _Optional[str] = ...) -> None: ...
 
 class Item(_message.Message):
-    __slots__ = ("item_id", "attributes", "modalities", "encoder_versions", "model_version")
+    __slots__ = ("item_id", "attributes", "modalities", "encoder_versions", "model_version", "content_kept")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -233,12 +233,14 @@ class Item(_message.Message):
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
     ENCODER_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_KEPT_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     attributes: _containers.MessageMap[str, AttributeValue]
     modalities: _containers.RepeatedScalarFieldContainer[str]
     encoder_versions: _containers.ScalarMap[str, str]
     model_version: str
-    def __init__(self, item_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, AttributeValue]] = ..., modalities: _Optional[_Iterable[str]] = ..., encoder_versions: _Optional[_Mapping[str, str]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    content_kept: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, AttributeValue]] = ..., modalities: _Optional[_Iterable[str]] = ..., encoder_versions: _Optional[_Mapping[str, str]] = ..., model_version: _Optional[str] = ..., content_kept: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Interaction(_message.Message):
     __slots__ = ("user_id", "item_id", "kind", "timestamp_s")
