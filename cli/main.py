@@ -56,7 +56,7 @@ def serve(config: Path = CONFIG, ray_address: Optional[str] = RAY_ADDRESS) -> No
 
 
 @app.command()
-def demo(config: Path = CONFIG, ray_address: Optional[str] = RAY_ADDRESS, items: int = 240, users: int = 40,
+def demo(config: Path = CONFIG, ray_address: Optional[str] = RAY_ADDRESS, items: int = 240, users: int = 200,
          media_dir: Optional[Path] = typer.Option(None, help="Sample photos the catalog is made from "
                                                     "(default: media/ under $FUSIONREC_SHARED_DIR or ../shared)."),
          exit_after_load: bool = typer.Option(False, help="Stop after loading instead of serving on.")) -> None:
@@ -74,15 +74,13 @@ def demo(config: Path = CONFIG, ray_address: Optional[str] = RAY_ADDRESS, items:
         files = generate_catalog(demo_dir(), media_dir, n_items=items, n_users=users, progress=bar.update)
     running = _start(config, ray_address)
     client = Client(running.target)
-    first_id = next(read_jsonl(files.catalog_path))["id"]
-    try:  # the catalog is deterministic: when its first item is stored, all of it is
-        client.stub.GetItem(pb.GetItemRequest(item_id=first_id), timeout=10)
-        typer.echo("sample catalog already loaded")
-    except grpc.RpcError as err:
-        if err.code() != grpc.StatusCode.NOT_FOUND:
-            raise
+    items_stored, users_stored = _demo_loaded(client, files)
+    if not items_stored:
         _ingest(files.catalog_path, running.target, "", batch_size=32)
+    if not users_stored:
         typer.echo(f"recorded {_record(files.interactions_path, running.target, '')} sample interactions")
+    if items_stored and users_stored:
+        typer.echo("sample catalog already loaded")
     demo_training(config, ray_address or "auto")
     reply = client.stub.Recommend(pb.RecommendRequest(user_id="user-001", k=5), timeout=30)
     first_answer_s = time.monotonic() - t0
@@ -98,6 +96,21 @@ fusionrec is serving the sample catalog on {running.target}. Try:
 Ctrl-C stops it.""")
     if not exit_after_load:
         _block_until_signal()
+
+
+def _demo_loaded(client: Client, files) -> tuple[bool, bool]:
+    """(items stored, interactions recorded) for the sample catalog. It is deterministic: when its first
+    item is stored, all items are; when its last user has a history, all interactions are."""
+    first_id = next(read_jsonl(files.catalog_path))["id"]
+    last_user = list(read_jsonl(files.interactions_path))[-1]["user_id"]
+    try:
+        client.stub.GetItem(pb.GetItemRequest(item_id=first_id), timeout=10)
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        return False, False
+    reply = client.stub.Recommend(pb.RecommendRequest(user_id=last_user, k=1), timeout=30)
+    return True, "history" in reply.modalities_used
 
 
 def _ingest(catalog: Path, target: str, token: str, batch_size: int) -> int:

@@ -12,12 +12,14 @@ import soundfile as sf
 from PIL import Image, ImageEnhance, ImageStat
 from scipy.signal import lfilter
 
-FORMAT_VERSION = 1  # bump when the generator's output changes, so cached catalogs are rebuilt
+FORMAT_VERSION = 2  # bump when the generator's output changes, so cached catalogs are rebuilt
 SAMPLE_RATE = 22050
 CLIP_S = 2.0
 MAX_SIDE = 320
 EPOCH_S = 1_704_067_200.0  # 2024-01-01T00:00:00Z: fixed, so timestamps never depend on the wall clock
 PREFERRED_SHARE = 0.85
+#: Item appeal ~ 1 / rank^s within the catalog (rank from a seeded shuffle); 0 = every item alike.
+POPULARITY_EXPONENT = 1.0
 MOODS = ("calm", "upbeat", "dark")
 KINDS, KIND_P = ("view", "like", "play"), (0.6, 0.15, 0.25)
 
@@ -159,8 +161,22 @@ def _items(n_items: int, seed: int) -> list[dict]:
     return items
 
 
+def _appeal(n_items: int, seed: int) -> np.ndarray:
+    """Per-item appeal (n,), Zipf-like over a seeded shuffle: as in real catalogs, a few items of every
+    category draw most of its interactions. Content cannot tell which; only behaviour can."""
+    rank = _rng(seed, 3).permutation(n_items) + 1
+    return 1.0 / rank.astype(np.float64) ** POPULARITY_EXPONENT
+
+
+def _pick(pool: list[str], seen: set[str], appeal: dict[str, float], rng: np.random.Generator) -> str:
+    fresh = [i for i in pool if i not in seen] or pool  # replays only once the pool is used up
+    weights = np.array([appeal[i] for i in fresh])
+    return str(fresh[int(rng.choice(len(fresh), p=weights / weights.sum()))])
+
+
 def _interactions(items: list[dict], n_users: int, seed: int) -> list[dict]:
     names = list(CATEGORIES)
+    appeal = dict(zip((it["id"] for it in items), _appeal(len(items), seed)))
     rows = []
     for u in range(n_users):
         rng = _rng(seed, 2, u)
@@ -175,8 +191,7 @@ def _interactions(items: list[dict], n_users: int, seed: int) -> list[dict]:
                 pool = liked_mood if liked_mood and rng.random() < 0.7 else liked
             else:
                 pool = other
-            fresh = [i for i in pool if i not in seen] or pool  # replays only once the pool is used up
-            item_id = str(rng.choice(fresh))
+            item_id = _pick(pool, seen, appeal, rng)
             seen.add(item_id)
             ts += 5.0 + rng.exponential(1800.0)
             rows.append({"user_id": f"user-{u + 1:03d}", "item_id": item_id,
@@ -186,7 +201,7 @@ def _interactions(items: list[dict], n_users: int, seed: int) -> list[dict]:
 
 def _readme(n_items: int, n_users: int, seed: int) -> str:
     return (f"fusionrec sample catalog: {n_items} items, {n_users} users, seed {seed} "
-            f"(gateway/sample_catalog.py, format {FORMAT_VERSION}).\n\n"
+            f"(cli/sample_catalog.py, format {FORMAT_VERSION}).\n\n"
             "Deterministic: same arguments -> byte-identical files; no wall clock is used.\n"
             "Each item has latent attributes: category (8, one base photo each), mood (calm/upbeat/dark),\n"
             "year, price and an explicit flag. All three modalities derive from them:\n"
@@ -195,7 +210,9 @@ def _readme(n_items: int, n_users: int, seed: int) -> str:
             "- audio: category pitch and timbre (partials, noise colour), mood rhythm (calm swells,\n"
             "  upbeat pulses, dark rumble + slow pulses), small per-item jitter and noise.\n"
             f"Users prefer 1-2 categories (half of them also a mood); ~{PREFERRED_SHARE:.0%} of each history "
-            "comes from the preferred categories.\n")
+            "comes from the preferred categories.\n"
+            f"Within a pool, items are picked by appeal ~ 1/rank^{POPULARITY_EXPONENT} (a seeded shuffle of the "
+            "catalog): a few items draw most interactions, which only behaviour reveals.\n")
 
 
 def generate_catalog(out_dir: Path, media_dir: Path, n_items: int = 240, n_users: int = 40, seed: int = 7,

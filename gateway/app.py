@@ -95,11 +95,9 @@ def build_app(args: dict[str, Any]) -> Application:
     """Typed app builder: `args` is an AppConfig as a dict (the `args` block of deploy/*.yaml);
     deployment settings come from the config's `deployments:` list, applied by Serve."""
     cfg = AppConfig.model_validate(args)
-    if cfg.store.is_lite:  # replicas do not share the caller's working directory
-        cfg.store.uri = str(Path(cfg.store.uri).expanduser().resolve())
+    cfg.store = cfg.store.resolved()
+    if cfg.store.is_lite:
         os.makedirs(Path(cfg.store.uri).parent, exist_ok=True)
-    if cfg.store.content_is_local:  # likewise the content folder
-        cfg.store.content_uri = str(Path(cfg.store.content_uri).expanduser().resolve())
     encoders = {m: EncoderDeployment.options(**deployment_options(encoder_deployment_name(m))).bind(m, enc.model_dump())
                 for m, enc in cfg.encoders.items()}
     fusion = FusionDeployment.options(**deployment_options("Fusion")).bind(encoders, cfg.precomputed_modalities)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fusionrec.core.paths import home
 from fusionrec.core.rules import ID_MAX_BYTES
 from fusionrec.encoders.base import MODALITIES
 
@@ -60,7 +61,8 @@ class FusionConfig(_Strict):
 
 
 class StoreConfig(_Strict):
-    uri: str = Field(".fusionrec/milvus.db", description="Milvus Lite file (*.db, one owner process) or a Milvus server URI (http://host:19530).")
+    uri: str = Field("", description="Milvus Lite file (*.db, one owner process) or a Milvus server URI "
+                                     "(http://host:19530); empty: $FUSIONREC_HOME/milvus.db (.fusionrec/milvus.db).")
     token: str = Field("", description="Milvus server token (user:password), if any.")
     items_collection: str = Field("items")
     interactions_collection: str = Field("interactions")
@@ -76,12 +78,22 @@ class StoreConfig(_Strict):
         True, description="Keep every upserted item's raw content (text, image and audio bytes) in the content "
                           "store, so its vectors can be recomputed later (another encoder or encoder option).")
     content_uri: str = Field(
-        ".fusionrec/content", description="Content store: a folder (one file per sha256), a shared path for a "
-                                          "cluster; relative paths resolve against the working folder.")
+        "", description="Content store: a folder (one file per sha256), a shared path for a cluster; relative "
+                        "paths resolve against the working folder; empty: $FUSIONREC_HOME/content.")
 
     @property
     def is_lite(self) -> bool:
-        return self.uri.endswith(".db")
+        return not self.uri or self.uri.endswith(".db")
+
+    def resolved(self) -> "StoreConfig":
+        """Local paths made absolute (replicas do not share the caller's working folder), defaults
+        under $FUSIONREC_HOME."""
+        out = self.model_copy()
+        if out.is_lite:
+            out.uri = str(Path(out.uri or home("milvus.db")).expanduser().resolve())
+        if out.content_is_local:
+            out.content_uri = str(Path(out.content_uri or home("content")).expanduser().resolve())
+        return out
 
     @property
     def content_is_local(self) -> bool:

@@ -68,6 +68,8 @@ class TrainConfig:
     id_dropout: float = 0.1
     align_weight: float = 0.1
     align_temperature: float = 0.2
+    #: Weight of the cross-modal query loss (FusionNet.query_loss): 0 leaves the query path untrained.
+    query_weight: float = 0.0
     temperature: float = 0.15
     normalize: bool = True  # unit item/user vectors (cosine / temperature) instead of raw inner products
     graph_layers: int = 4

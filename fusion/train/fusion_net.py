@@ -127,6 +127,31 @@ class FusionNet(nn.Module):
             user = nn.functional.normalize(user, dim=-1)
         return user @ items.T / self.cfg.temperature
 
+    def query_loss(self, items: torch.Tensor, sample: int = 256) -> torch.Tensor:
+        """Cross-modal retrieval from query content, as served (TrainedFusion.user_vector, no history):
+        an item's content in ONE random modality, fused alone, goes through the user tower's query path
+        and must rank that item first among all items (softmax). This trains ``UserTower.query_out``
+        to fill the blocks a one-modality query lacks, so a text query scores image and audio too.
+
+        Args:
+            items: (n_items, dim) fused item vectors as scored (``item_vectors``).
+        """
+        mods = self.item_tower.modalities
+        rows = self.catalog.nonzero().squeeze(1)
+        if not mods or not len(rows):
+            return torch.zeros(())
+        idx = rows[torch.randperm(len(rows))[:sample]]
+        pick = torch.randint(len(mods), (len(idx),))
+        present = {m: (pick == k) & self.present[m][idx] for k, m in enumerate(mods)}
+        no_id = torch.zeros(len(idx), dtype=torch.bool)
+        query = self.item_tower({m: x[idx] for m, x in self.features.items()}, present, torch.zeros_like(idx), no_id)
+        empty = torch.zeros(len(idx), 1, self.item_tower.dim)
+        user = self.user_tower(empty, torch.zeros(len(idx), 1, dtype=torch.bool), query.reshape(len(idx), -1))
+        if self.cfg.normalize:
+            user = nn.functional.normalize(user, dim=-1)
+        logits = (user @ items.T / self.cfg.temperature).masked_fill(~self.catalog, -torch.inf)
+        return nn.functional.cross_entropy(logits, idx)
+
     def align_loss(self, blocks: torch.Tensor, sample: int = 512) -> torch.Tensor:
         """InfoNCE between an item's content blocks (pairs of modalities), on a random item sample."""
         parts = self.item_tower.modalities

@@ -123,6 +123,8 @@ def _loss(net: nn.Module, users: np.ndarray, train_items: list[np.ndarray], cfg:
     loss = -(torch.nan_to_num(logp, neginf=0.0) * target).sum(1).mean()
     if blocks is not None and cfg.align_weight > 0:
         loss = loss + cfg.align_weight * net.align_loss(blocks)
+    if items is not None and cfg.query_weight > 0:
+        loss = loss + cfg.query_weight * net.query_loss(items)
     return loss
 
 

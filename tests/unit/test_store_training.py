@@ -116,3 +116,21 @@ def test_train_from_snapshot_writes_a_servable_checkpoint_keyed_by_store_ids(tmp
     assert set(model._row) <= set(snap["item_ids"])  # ids of the store, not dataset rows
     path = write_report(report)
     assert path.parent == tmp_path and json.loads(path.read_text())["checkpoint"] == report["checkpoint"]
+
+
+@pytest.mark.parametrize("query_weight", [0.0, 1.0])
+def test_the_query_loss_lets_a_one_modality_query_score_the_others(tmp_path, query_weight):
+    """Untrained, the query path passes a text query's own block only (other blocks score 0); the query
+    loss (FusionNet.query_loss) trains it to fill the image block too, as TrainedFusion serves it."""
+    rng = np.random.default_rng(2)
+    n_items, users = 30, 8
+    snap = snapshot(n_items)
+    snap["events"] = [(f"u{u}", f"item-{int(i)}", float(t)) for u in range(users)
+                      for t, i in enumerate(rng.choice(n_items, size=6, replace=False))]
+    report = train_from_snapshot(snap, None, variant="content", checkpoint_dir=tmp_path, epochs=3, patience=3,
+                                 block_dim=8, hidden=16, query_weight=query_weight)
+    model = TrainedFusion(snap["modality_dims"], report["checkpoint"], snap["encoder_versions"])
+    items = model.item_vectors([{m: snap["vectors"][m][i] for m in ("text", "image")} for i in range(n_items)])
+    user = model.user_vector(np.zeros((0, model.dim), np.float32), {"text": snap["vectors"]["text"][0]})
+    image = np.abs(model.contributions(user, items)["image"]).sum()
+    assert (image > 1e-3) == (query_weight > 0), image
