@@ -213,6 +213,55 @@ class RetrievalEngine:
             return self.history_vectors(q.user_id, limit)
         return [], np.zeros((0, dim), np.float32)
 
+    # ----------------------------------------------------------------- encoder swap
+
+    def begin_swap(self, modality: str, version: str, dim: int) -> dict[str, Any]:
+        """Start (or resume: same version and dim) collecting ``modality`` vectors of an incoming
+        encoder beside the served ones; returns ``swap_status``."""
+        with self._lock:
+            resumed = self.store.shadow(modality).begin(version, dim)
+        return self.swap_status(modality) | {"resumed": resumed}
+
+    def swap_status(self, modality: str) -> dict[str, Any]:
+        """The swap in progress: incoming version, items holding ``modality``, those with a shadow
+        vector, and those that cannot be re-encoded (no content kept)."""
+        with self._lock:
+            shadow = self.store.shadow(modality)
+            state = shadow.state()
+            have = shadow.ids() if state else set()
+            holding = [(it.item_id, bool((it.content or {}).get(modality)))
+                       for batch in self.store.iter_items() for it in batch if modality in it.modality_vectors]
+        return {"modality": modality, "version": state and state["version"], "items": len(holding),
+                "done": sum(i in have for i, _ in holding),
+                "without_content": sorted(i for i, kept in holding if not kept and i not in have)}
+
+    def swap_todo(self, modality: str) -> list[str]:
+        """Ids of items holding ``modality`` with content kept and no shadow vector yet."""
+        with self._lock:
+            have = self.store.shadow(modality).ids()
+            return [it.item_id for batch in self.store.iter_items() for it in batch
+                    if modality in it.modality_vectors and it.item_id not in have and (it.content or {}).get(modality)]
+
+    def put_shadow(self, modality: str, vectors: dict[str, np.ndarray]) -> int:
+        """Store incoming-encoder vectors of ``modality`` by item id ((dim,) each)."""
+        with self._lock:
+            self.store.shadow(modality).put(vectors)
+        return len(vectors)
+
+    def commit_swap(self, modality: str, model: FusionModel, batch_size: int = 1000) -> int:
+        """Serve the shadow vectors: fused vectors recomputed with ``model`` (made for the incoming
+        encoder), switched atomically; the incoming version becomes the store's (MilvusStore.commit_swap)."""
+        state = self.store.shadow(modality).state()
+        if state is None:
+            raise NotFound(f"no {modality} encoder swap in progress")
+        new_schema = replace(self.schema, encoder_versions={**self.schema.encoder_versions, modality: state["version"]},
+                             fused_dim=model.dim, model_version=model.version)
+
+        def fused_for(batch: list[StoredItem]) -> np.ndarray:
+            return model.item_vectors([b.modality_vectors for b in batch], [b.item_id for b in batch])
+
+        return self.store.commit_swap(modality, new_schema, fused_for, batch_size)
+
     # ----------------------------------------------------------------- re-indexing
 
     def reindex(self, model: FusionModel, batch_size: int = 1000) -> int:

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from fusionrec.core.errors import FailedPrecondition, InvalidArgument
 from fusionrec.core.rules import as_vector, check_id
 from fusionrec.retrieval.base import Candidate, FilterSpec, InteractionEvent, ItemStore, StoredItem, StoreSchema
 from fusionrec.retrieval.connection import MilvusConnection
@@ -42,6 +43,8 @@ from fusionrec.retrieval.reindex import ReindexFn, build_items, check_reindex_sc
 from fusionrec.retrieval.rows import ItemRows, attrs_from_row
 from fusionrec.retrieval.schema_meta import validate_schema
 from fusionrec.retrieval.search import SEARCH_BACKENDS, load_mirror, search_milvus, search_mirror
+from fusionrec.retrieval.shadow import ShadowVectors
+from fusionrec.retrieval.swap import check_swap_schema, require_complete, rewrite_modality_rows, swapped
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,7 @@ class MilvusStore(ItemStore):
             self._log.open()
             if search_backend == "memory":
                 self._mirror = load_mirror(self._conn, self._items, self.schema.fused_dim, self._index_params)
+            self._resume_swaps()
         except BaseException:
             self.close()
             raise
@@ -244,22 +248,73 @@ class MilvusStore(ItemStore):
         """
         check_reindex_schema(self.schema, new_schema)
         batch_size = max(1, min(int(batch_size), MILVUS_MAX_TOPK))
-        rows = ItemRows(new_schema, self._rows.content_field)
         with self._write_lock:
-            old, new = self._items, next_items_name(self.items_collection, self._items)
-            mirror = ItemMirror(new_schema.fused_dim, **self._index_params) if self._mirror is not None else None
-            n = build_items(self._conn, new, rows, self.iter_items(batch_size), fn, mirror)
-            # the commit point: one property write names the active collection
-            self._conn.client.alter_collection_properties(self.mvec_collection, {PROP_ACTIVE_ITEMS: new})
-            with self._lock:
-                self._items, self.schema, self._rows = new, new_schema, rows
-                self._mirror = mirror
-            self._conn.forget_pending(old)
-            try:
-                self._conn.client.drop_collection(old)
-            except Exception:  # pragma: no cover - the switch already happened
-                logger.exception("could not drop the replaced items collection %r", old)
+            return self._rebuild(new_schema, self.iter_items(batch_size), fn)
+
+    def _rebuild(self, new_schema: StoreSchema, batches: Iterator[list[StoredItem]], fn: ReindexFn) -> int:
+        """A new items collection from ``batches`` with ``fn``'s fused vectors, then the atomic switch to
+        it and ``new_schema`` (caller holds the write lock)."""
+        rows = ItemRows(new_schema, self._rows.content_field)
+        old, new = self._items, next_items_name(self.items_collection, self._items)
+        mirror = ItemMirror(new_schema.fused_dim, **self._index_params) if self._mirror is not None else None
+        n = build_items(self._conn, new, rows, batches, fn, mirror)
+        # the commit point: one property write names the active collection
+        self._conn.client.alter_collection_properties(self.mvec_collection, {PROP_ACTIVE_ITEMS: new})
+        with self._lock:
+            self._items, self.schema, self._rows = new, new_schema, rows
+            self._mirror = mirror
+        self._conn.forget_pending(old)
+        try:
+            self._conn.client.drop_collection(old)
+        except Exception:  # pragma: no cover - the switch already happened
+            logger.exception("could not drop the replaced items collection %r", old)
         return n
+
+    # ----------------------------------------------------------------- encoder swap
+
+    def shadow(self, modality: str) -> ShadowVectors:
+        """Shadow vectors of ``modality`` from an incoming encoder (retrieval/shadow.py)."""
+        if modality not in self.schema.modality_dims:
+            raise InvalidArgument(f"no {modality!r} modality in this store ({sorted(self.schema.modality_dims)})")
+        return ShadowVectors(self._conn, self.items_collection, modality)
+
+    def commit_swap(self, modality: str, new_schema: StoreSchema, fn: ReindexFn, batch_size: int = 1000) -> int:
+        """Serve ``modality``'s shadow vectors: every item holding it gets its shadow vector and a fused
+        vector from ``fn`` (the fusion model refitted for them), switched to atomically as ``reindex``
+        does; then the modality-vectors rows are rewritten and the shadow dropped (retrieval/swap.py).
+
+        Raises FailedPrecondition while an item holding ``modality`` lacks a shadow vector. Returns
+        the number of items re-indexed.
+        """
+        shadow = self.shadow(modality)
+        state = shadow.state()
+        if state is None:
+            raise FailedPrecondition(f"no {modality} encoder swap in progress")
+        check_swap_schema(self.schema, new_schema, modality, state["version"], state["dim"])
+        batch_size = max(1, min(int(batch_size), MILVUS_MAX_TOPK))
+        with self._write_lock:
+            require_complete(self.iter_items(batch_size), shadow)
+            n = self._rebuild(new_schema, swapped(self.iter_items(batch_size), modality, shadow, state["version"]), fn)
+            shadow.mark_committed()
+            self._finish_swap(shadow, batch_size)
+        return n
+
+    def _finish_swap(self, shadow: ShadowVectors, batch_size: int = 1000) -> None:
+        """After the commit: the modality-vectors rows take the shadow vectors, then the shadow goes."""
+        version = self.schema.encoder_versions[shadow.modality]
+        batches = swapped(self.iter_items(batch_size), shadow.modality, shadow, version)
+        rewrite_modality_rows(self._conn, self.mvec_collection, self._rows, batches, shadow.modality)
+        self._conn.client.flush(self.mvec_collection)
+        shadow.drop()
+
+    def _resume_swaps(self) -> None:
+        """Finish a swap that committed before a crash (its shadow is marked committed)."""
+        for modality in self.schema.modality_dims:
+            shadow = ShadowVectors(self._conn, self.items_collection, modality)
+            state = shadow.state()
+            if state and state["committed"] and state["version"] == self.schema.encoder_versions.get(modality):
+                logger.warning("finishing the committed %s encoder swap to %s", modality, state["version"])
+                self._finish_swap(shadow)
 
     # ----------------------------------------------------------------- interactions
 
