@@ -60,7 +60,11 @@ class NoopRetrieval:
     def info(self) -> dict[str, Any]:
         return asdict(self.schema)
 
-    async def recommend(self, q, query: dict, model_version: str, history_limit: int) -> Ranked:
+    def swaps(self) -> dict[str, str]:
+        return {}
+
+    async def recommend(self, q, query: dict, model_version: str, history_limit: int,
+                        query_versions: dict | None = None) -> Ranked:
         """The same answer shape as RetrievalDeployment.recommend, with no work."""
         chosen = self.candidates[:q.k]
         zeros = np.zeros(len(chosen), np.float32)

@@ -271,9 +271,11 @@ def _print_deployments(ray_address: str, app_name: str) -> None:
 
 
 from fusionrec.cli.bench import bench_app  # noqa: E402  (commands register on import)
+from fusionrec.cli.encoders import encoders_app  # noqa: E402
 from fusionrec.cli.quality import demo_training, evaluate, train  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
+app.add_typer(encoders_app, name="encoders")
 app.command()(train)
 app.command()(evaluate)
 

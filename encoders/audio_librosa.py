@@ -45,7 +45,6 @@ from fusionrec.encoders.identity import package_version
 FORMATS = frozenset({"WAV", "WAVEX", "RF64", "OGG", "MP3", "FLAC"})
 MIN_DURATION_S = 0.05
 SILENCE_PEAK = 1e-4  # -80 dBFS: nothing audible to describe
-MAX_CHANNELS = 16
 N_FFT, HOP, N_MELS, FMIN, FMAX = 2048, 512, 64, 30.0, 8000.0
 TRIM_DB = 60.0  # leading/trailing frames this far below the peak count as silence
 TOP_DB = 80.0  # log-mel floor below the clip's loudest bin
@@ -74,11 +73,32 @@ class LibrosaAudioEncoder(Encoder):
     Args:
         sample_rate: analysis rate in Hz; the input is resampled to it.
         max_duration_s: only the first this-many seconds are decoded and described.
+        max_decoded_samples: inputs whose analysed prefix holds more samples (frames x
+            channels, before the mono mix) are refused (default ``MAX_DECODED_SAMPLES``).
+
+    Limits (bounded work per clip, checked from the header before any sample is decoded; they
+    do not change the vectors of accepted clips, so they are not part of ``version``):
+
+    - ``max_decoded_samples`` (12,000,000, 46 MB of float32): min(duration, ``max_duration_s``)
+      x rate x channels. 30 s of 48 kHz 7.1, 96 or 192 kHz stereo fit; 30 s at 384 kHz x 8
+      channels (92 M samples) does not.
+    - ``MAX_SAMPLE_RATE_HZ`` (192 kHz, the top of common hi-res audio; the analysis stops at
+      8 kHz) and ``MIN_SAMPLE_RATE_HZ`` (1 kHz); ``MAX_CHANNELS`` (16).
+    - only ``max_duration_s`` of frames are decoded, ``DECODE_BLOCK_FRAMES`` at a time, each
+      block mixed to mono at once: a ten-minute file costs what its first 30 s cost.
     """
 
     name = "librosa-mel-mfcc"
     modality = "audio"
     vector_options = ("sample_rate", "max_duration_s")
+    #: Default ``max_decoded_samples``: frames x channels decoded per clip, before the mono mix.
+    MAX_DECODED_SAMPLES = 12_000_000
+    MAX_SAMPLE_RATE_HZ = 192_000
+    MIN_SAMPLE_RATE_HZ = 1_000
+    MAX_CHANNELS = 16
+    #: Frames decoded per read; each block is mixed to mono before the next is decoded. A multiple
+    #: of every MPEG audio frame (384, 576, 1152 samples): MP3 then decodes bit for bit as in one read.
+    DECODE_BLOCK_FRAMES = 57 * 1152
 
     @classmethod
     def fixed_settings(cls) -> dict[str, Any]:
@@ -89,14 +109,19 @@ class LibrosaAudioEncoder(Encoder):
             "librosa": package_version("librosa"), "soxr": package_version("soxr"),
         }
 
-    def __init__(self, sample_rate: int = 22050, max_duration_s: float = 30.0) -> None:
+    def __init__(
+        self, sample_rate: int = 22050, max_duration_s: float = 30.0, max_decoded_samples: int = MAX_DECODED_SAMPLES
+    ) -> None:
         import librosa  # imported here: its numba kernels compile on first import (~16 s)
 
         if sample_rate < 2 * FMAX:
             raise ValueError(f"sample_rate must be >= {2 * FMAX:.0f} Hz, got {sample_rate}")
         if max_duration_s < 1.0:
             raise ValueError(f"max_duration_s must be >= 1, got {max_duration_s}")
+        if max_decoded_samples < 1:
+            raise ValueError(f"max_decoded_samples must be >= 1, got {max_decoded_samples}")
         self._librosa = librosa
+        self.max_decoded_samples = max_decoded_samples
         self.sample_rate = sample_rate
         self.max_duration_s = max_duration_s
         self._mel_fb = librosa.filters.mel(sr=sample_rate, n_fft=N_FFT, n_mels=N_MELS, fmin=FMIN, fmax=FMAX)
@@ -118,21 +143,7 @@ class LibrosaAudioEncoder(Encoder):
             raise InvalidContent("audio", f"expected bytes, got {type(content).__name__}")
         if len(content) == 0:
             raise InvalidContent("audio", "audio is empty (0 bytes)")
-        try:
-            with sf.SoundFile(io.BytesIO(content)) as f:
-                fmt, sr, channels, log = f.format, f.samplerate, f.channels, f.extra_info
-                if fmt not in FORMATS:
-                    raise InvalidContent("audio", f"unsupported format {fmt} (accepted: WAV, OGG, MP3, FLAC)")
-                if channels > MAX_CHANNELS or not 1000 <= sr <= 384_000:
-                    raise InvalidContent("audio", f"implausible stream: {channels} channels at {sr} Hz")
-                _check_complete(log)
-                # Only the analysed prefix is decoded, so long or highly compressed files stay cheap.
-                y = f.read(frames=int(self.max_duration_s * sr), dtype="float32", always_2d=True)
-        except InvalidContent:
-            raise
-        except Exception as err:  # LibsndfileError, RuntimeError from a codec, ...
-            raise InvalidContent("audio", f"not decodable audio: {_short(err)}") from None
-        y = y.mean(axis=1)  # (samples,) mono
+        y, sr = self._decode(content)
         if len(y) < MIN_DURATION_S * sr:
             raise InvalidContent("audio", f"audio too short ({len(y) / sr:.3f} s < {MIN_DURATION_S} s)")
         if not np.isfinite(y).all():
@@ -146,6 +157,40 @@ class LibrosaAudioEncoder(Encoder):
         if len(y) < MIN_DURATION_S * self.sample_rate:
             raise InvalidContent("audio", f"audio too short once silence is trimmed (< {MIN_DURATION_S} s)")
         return np.ascontiguousarray(y, dtype=np.float32)
+
+    def _decode(self, content: bytes | bytearray | memoryview) -> tuple[np.ndarray, int]:
+        """The first ``max_duration_s`` as mono float32 (samples,) at the file's rate, and that rate.
+
+        The header (format, rate, channels, frames, chunk sizes) is checked before any sample is
+        decoded; frames are then read and mixed to mono block by block.
+        """
+        try:
+            with sf.SoundFile(io.BytesIO(content)) as f:
+                if f.format not in FORMATS:
+                    raise InvalidContent("audio", f"unsupported format {f.format} (accepted: WAV, OGG, MP3, FLAC)")
+                frames = self._check_header(f.samplerate, f.channels, f.frames)
+                _check_complete(f.extra_info)
+                return _read_mono(f, frames, self.DECODE_BLOCK_FRAMES), f.samplerate
+        except InvalidContent:
+            raise
+        except Exception as err:  # LibsndfileError, RuntimeError from a codec, ...
+            raise InvalidContent("audio", f"not decodable audio: {_short(err)}") from None
+
+    def _check_header(self, sr: int, channels: int, frames: int) -> int:
+        """Frames to decode: the first ``max_duration_s`` of the stream. Refuses an implausible rate or
+        channel count, or a prefix over ``max_decoded_samples``."""
+        if not self.MIN_SAMPLE_RATE_HZ <= sr <= self.MAX_SAMPLE_RATE_HZ:
+            raise InvalidContent("audio", f"implausible sample rate {sr} Hz (MIN_SAMPLE_RATE_HZ "
+                                          f"{self.MIN_SAMPLE_RATE_HZ}, MAX_SAMPLE_RATE_HZ {self.MAX_SAMPLE_RATE_HZ})")
+        if not 1 <= channels <= self.MAX_CHANNELS:
+            raise InvalidContent("audio", f"implausible stream: {channels} channels > MAX_CHANNELS {self.MAX_CHANNELS}")
+        wanted = int(self.max_duration_s * sr)
+        frames = wanted if frames <= 0 else min(frames, wanted)  # 0 or less: length unknown
+        if frames * channels > self.max_decoded_samples:
+            raise InvalidContent(
+                "audio", f"too many samples to decode: {frames / sr:.1f} s x {sr} Hz x {channels} channels = "
+                         f"{frames * channels} > max_decoded_samples {self.max_decoded_samples}")
+        return frames
 
     # ------------------------------------------------------------------ features
     def embed(self, prepared: list[np.ndarray]) -> np.ndarray:
@@ -209,6 +254,20 @@ class LibrosaAudioEncoder(Encoder):
         buf = io.BytesIO()
         sf.write(buf, tone.astype(np.float32), 16000, format="WAV", subtype="PCM_16")
         self.encode([buf.getvalue()])
+
+
+def _read_mono(f: sf.SoundFile, frames: int, block_frames: int) -> np.ndarray:
+    """Up to ``frames`` frames of an open file as mono float32 (samples,), decoded ``block_frames``
+    at a time and mixed per block, so only one block of all channels is ever held."""
+    out = np.empty(frames, dtype=np.float32)
+    done = 0
+    while done < frames:
+        block = f.read(frames=min(block_frames, frames - done), dtype="float32", always_2d=True)
+        if len(block) == 0:
+            break
+        out[done : done + len(block)] = block.mean(axis=1)
+        done += len(block)
+    return out[:done]
 
 
 def _check_complete(log: str) -> None:

@@ -15,9 +15,10 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from fusionrec.gateway.config import AppConfig, BatchConfig, FusionConfig, encoder_deployment_name
+from fusionrec.gateway.config import AppConfig, EncoderUserConfig, FusionConfig, encoder_deployment_name
 from fusionrec.gateway.deployments import EncoderDeployment, FusionDeployment, RetrievalDeployment, settle_heap
 from fusionrec.gateway.pipeline import Recommender
+from fusionrec.gateway.health import watch_deployments
 from fusionrec.gateway.server import create_server, set_serving
 from fusionrec.gateway.service import RecommenderServicer
 
@@ -34,11 +35,16 @@ class Gateway:
     async def __init__(self, config: dict, encoders: dict[str, DeploymentHandle], fusion: DeploymentHandle,
                        retrieval: DeploymentHandle) -> None:
         self.config = AppConfig.model_validate(config)
-        self.recommender = Recommender(encoders, fusion, retrieval, self.config.limits, self.config.server)
+        self.recommender = Recommender(encoders, fusion, retrieval, self.config.limits, self.config.server,
+                                       serve.get_replica_context().app_name)
         servicer = RecommenderServicer(self.recommender, self.config.server.default_deadline_ms)
         self.server, self.port, self.health = await create_server(servicer, self.config.server)
         self._ready = asyncio.Event()
         self._loader = asyncio.ensure_future(self._become_ready())
+        # Health follows the deployments behind it (NOT_SERVING while one has no live replica).
+        self.watcher = watch_deployments([*encoders.values(), fusion, retrieval], self.health,
+                                         self.config.server.health_interval_s)
+        self.watcher.start()
         log.info("fusionrec gRPC listening on %s:%d", self.config.server.host, self.port)
 
     async def _become_ready(self) -> None:
@@ -46,6 +52,7 @@ class Gateway:
         settle_heap()
         await set_serving(self.health, True)
         self._ready.set()
+        self._refresher = asyncio.ensure_future(self.recommender.refresh_forever())  # re-indexes, swaps
 
     async def ready(self) -> dict[str, Any]:
         """Blocks until every model is loaded; returns where the gRPC server listens."""
@@ -59,6 +66,7 @@ class Gateway:
             raise RuntimeError(f"dependencies failed to load: {self._loader.exception()!r}")
 
     async def __del__(self) -> None:
+        await self.watcher.stop()
         await set_serving(self.health, False)
         await self.server.stop(self.config.server.grace_period_s)
 
@@ -77,7 +85,7 @@ ENCODER_OPTIONS: dict[str, Any] = {
     "ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 64,
     "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
                            "upscale_delay_s": 1.0, "downscale_delay_s": 5.0},
-    "user_config": BatchConfig().model_dump(),
+    "user_config": EncoderUserConfig().model_dump(exclude_none=True),
 }
 
 

@@ -21,7 +21,10 @@ class ServerConfig(_Strict):
     host: str = Field("127.0.0.1", description="Interface the gRPC front door binds; keep loopback unless fronted by a proxy.")
     port: int = Field(9000, ge=0, le=65535, description="gRPC port (0 picks a free one).")
     auth_token: str = Field("", description="If set, callers must send `authorization: Bearer <token>`.")
-    max_inflight_requests: int = Field(256, ge=1, description="Beyond this many concurrent RPCs the gateway answers RESOURCE_EXHAUSTED.")
+    max_inflight_requests: int = Field(256, ge=1, description="Concurrent API RPCs beyond which the gateway answers "
+                                                              "RESOURCE_EXHAUSTED; health and reflection not counted.")
+    max_open_streams: int = Field(64, ge=1, description="Open Health.Watch (and reflection) streams per method.")
+    health_interval_s: float = Field(2.0, gt=0, description="How often health re-checks the deployments behind it.")
     max_message_mb: int = Field(64, ge=1, description="Largest request accepted, in MiB.")
     default_deadline_ms: int = Field(5000, ge=1, description="Deadline applied when the caller sets none.")
     ranking_reserve_ms: int = Field(50, ge=0, description="Time kept back from encoders for retrieval and ranking.")
@@ -46,11 +49,15 @@ class EncoderConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the encoder class.")
 
 
-class BatchConfig(_Strict):
-    """An encoder deployment's ``user_config``: @serve.batch settings, applied without a restart."""
+class EncoderUserConfig(_Strict):
+    """An encoder deployment's ``user_config``, applied to its running replicas without a restart."""
 
     max_batch_size: int = Field(32, ge=1, description="Most inputs per encoder batch.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill.")
+    encoder: EncoderConfig | None = Field(
+        None, description="The encoder this deployment runs, replacing the app args' choice for its modality. "
+                          "Changed in place by `fusionrec encoders swap` (its vectors must match the store's "
+                          "version: a store of another version answers FAILED_PRECONDITION until swapped).")
 
 
 class FusionConfig(_Strict):
@@ -58,6 +65,9 @@ class FusionConfig(_Strict):
 
     name: str = Field("weighted-v0", description="Registry name (fusionrec.fusion.registry.FUSION_MODELS).")
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword options of the fusion model.")
+    encoder_versions: dict[str, str] = Field(
+        default_factory=dict, description="modality -> encoder version the model is made for, where it differs "
+                                          "from the running encoder's (set by `fusionrec encoders swap`).")
 
 
 class StoreConfig(_Strict):
@@ -194,7 +204,7 @@ def check_deployment_overrides(cfg: AppConfig, overrides: list[dict[str, Any]]) 
         if isinstance(override.get("autoscaling_config"), dict):
             AutoscalingConfig.model_validate(override["autoscaling_config"])
         if "user_config" in override:
-            (FusionConfig if name == "Fusion" else BatchConfig).model_validate(override["user_config"])
+            (FusionConfig if name == "Fusion" else EncoderUserConfig).model_validate(override["user_config"])
         if name == "Retrieval" and _max_replicas(override) > 1 and cfg.store.is_lite:
             raise ValueError("Milvus Lite allows one owner process: Retrieval must keep one replica "
                              "unless store.uri points at a Milvus server")

@@ -16,7 +16,7 @@ from ray.serve.handle import DeploymentHandle
 from fusionrec.encoders.base import InvalidContent
 from fusionrec.encoders.registry import get_encoder
 from fusionrec.fusion.registry import get_fusion_model
-from fusionrec.gateway.config import BatchConfig, EncoderConfig, FusionConfig, StoreConfig
+from fusionrec.gateway.config import EncoderConfig, EncoderUserConfig, FusionConfig, StoreConfig
 from fusionrec.core.errors import FailedPrecondition
 from fusionrec.retrieval.base import InteractionEvent, StoredItem, StoreSchema
 from fusionrec.retrieval.content import open_content_store
@@ -45,17 +45,33 @@ class EncoderDeployment:
     """One modality encoder behind @serve.batch; a bad input fails only its own request."""
 
     def __init__(self, modality: str, config: dict) -> None:
-        cfg = EncoderConfig.model_validate(config)
-        self.encoder = get_encoder(cfg.name, **cfg.options)
-        if self.encoder.modality != modality:
-            raise ValueError(f"encoder {cfg.name!r} encodes {self.encoder.modality}, not {modality}")
-        self.encoder.warmup()
+        self.modality = modality
+        self.configured = EncoderConfig.model_validate(config)  # the app args' choice
+        self.current = self.configured  # what runs now: user_config's `encoder` replaces it
+        self.encoder = self._load(self.current)
+
+    def _load(self, cfg: EncoderConfig):
+        encoder = get_encoder(cfg.name, **cfg.options)
+        if encoder.modality != self.modality:
+            raise ValueError(f"encoder {cfg.name!r} encodes {encoder.modality}, not {self.modality}")
+        encoder.warmup()
         settle_heap()
+        return encoder
 
     def reconfigure(self, user_config: dict) -> None:
-        cfg = BatchConfig.model_validate(user_config)  # typed: a misspelt key fails the deploy
+        cfg = EncoderUserConfig.model_validate(user_config)  # typed: a misspelt key fails the deploy
+        self.user_cfg = cfg
         self._encode_batch.set_max_batch_size(cfg.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        wanted = cfg.encoder or self.configured
+        if wanted != self.current:
+            self.encoder = self._load(wanted)  # batches in flight finish with the encoder they started with
+            self.current = wanted
+            log.info("%s encoder is now %s", self.modality, self.encoder.version)
+
+    def user_config(self) -> dict[str, Any]:
+        """The user_config in effect, with the encoder running now (what a redeploy must keep)."""
+        return self.user_cfg.model_copy(update={"encoder": self.current}).model_dump()
 
     def info(self) -> dict[str, Any]:
         e = self.encoder
@@ -81,16 +97,17 @@ class EncoderDeployment:
         return await asyncio.to_thread(self._encode_isolated, contents)
 
     def _encode_isolated(self, contents: list[str | bytes]) -> list[np.ndarray | InvalidContent]:
+        encoder = self.encoder  # one encoder for the whole batch, even if reconfigure swaps it meanwhile
         out: list[Any] = [None] * len(contents)
         prepared, positions = [], []
         for i, content in enumerate(contents):
             try:
-                prepared.append(self.encoder.prepare(content))
+                prepared.append(encoder.prepare(content))
                 positions.append(i)
             except InvalidContent as err:
                 out[i] = err
         if prepared:
-            for i, vec in zip(positions, self.encoder.embed(prepared)):
+            for i, vec in zip(positions, encoder.embed(prepared)):
                 out[i] = vec
         return out
 
@@ -116,9 +133,15 @@ class FusionDeployment:
         self.models: dict[str, Any] = {}
         self.newest = ""
 
+    def config(self) -> dict[str, Any]:
+        """The user_config last applied (the newest model's)."""
+        return self.cfg.model_dump()
+
     def reconfigure(self, user_config: dict) -> None:
         cfg = FusionConfig.model_validate(user_config)
-        model = get_fusion_model(cfg.name, self.dims, encoder_versions=self.encoder_versions, **cfg.options)
+        self.cfg = cfg
+        versions = self.encoder_versions | cfg.encoder_versions  # a swap names the incoming encoder's
+        model = get_fusion_model(cfg.name, self.dims, encoder_versions=versions, **cfg.options)
         if model.version != self.newest:
             self.models = {v: m for v, m in self.models.items() if v == self.newest} | {model.version: model}
             self.newest = model.version
@@ -193,9 +216,11 @@ class RetrievalDeployment:
     def count(self) -> int:
         return self.engine.count()
 
-    def upsert(self, items: list[StoredItem], contents: list[dict[str, str | bytes]] | None = None) -> int:
-        """Store items; ``contents`` (per item, modality -> raw content) is kept when retention is on."""
-        n = self.engine.upsert(items, contents)
+    def upsert(self, items: list[StoredItem], contents: list[dict[str, str | bytes]] | None = None,
+               shadow: dict[str, dict[str, np.ndarray]] | None = None) -> int:
+        """Store items; ``contents`` (per item, modality -> raw content) is kept when retention is on;
+        ``shadow``: incoming-encoder vectors during an encoder swap (RetrievalEngine.upsert)."""
+        n = self.engine.upsert(items, contents, shadow)
         with self._settle_lock:
             self._unsettled += n
             if self._unsettled >= SETTLE_EVERY_ITEMS:  # bulk loads: freeze what they built, amortised
@@ -222,17 +247,18 @@ class RetrievalDeployment:
         return self.engine.history_vectors(user_id, limit)
 
     async def recommend(self, q: RecommendQuery, query: dict[str, np.ndarray], model_version: str,
-                        history_limit: int) -> Ranked | None:
+                        history_limit: int, query_versions: dict[str, str] | None = None) -> Ranked | None:
         """History -> user vector -> search -> attribution, next to the data: one hop per request.
 
         The fusion model is a copy pulled from the Fusion deployment (which owns loading and
         hot-swapping). Returns None when `model_version` is not the one the stored vectors were
-        made with (the store was re-indexed meanwhile); the caller refreshes and retries.
+        made with (the store was re-indexed meanwhile), or when a query vector comes from another
+        encoder version than the store's (a swap committed meanwhile); the caller refreshes and retries.
         """
         if model_version != self.schema.model_version:
             return None
         model = await self._scoring_model(model_version)
-        return self.engine.recommend(q, query, model, history_limit)
+        return self.engine.recommend(q, query, model, history_limit, query_versions)
 
     async def _scoring_model(self, version: str):
         if version not in self._models:
@@ -254,9 +280,36 @@ class RetrievalDeployment:
     def record_interactions(self, events: list[InteractionEvent]) -> int:
         return self.engine.record_interactions(events)
 
-    async def training_snapshot(self) -> dict[str, Any]:
+    # Encoder swap (gateway/swap.py drives it; RetrievalEngine does the work).
+
+    def swaps(self) -> dict[str, str]:
+        return self.engine.swaps()
+
+    async def begin_swap(self, modality: str, version: str, dim: int) -> dict[str, Any]:
+        return await asyncio.to_thread(self.engine.begin_swap, modality, version, dim)
+
+    async def swap_status(self, modality: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self.engine.swap_status, modality)
+
+    async def swap_todo(self, modality: str) -> list[str]:
+        return await asyncio.to_thread(self.engine.swap_todo, modality)
+
+    def read_contents(self, item_ids: list[str], modality: str) -> dict[str, bytes]:
+        return self.engine.read_contents(item_ids, modality)
+
+    def put_shadow(self, modality: str, vectors: dict[str, np.ndarray]) -> int:
+        return self.engine.put_shadow(modality, vectors)
+
+    async def commit_swap(self, modality: str, model_version: str, batch_size: int = 1000) -> dict[str, Any]:
+        """Switch ``modality`` to its shadow vectors, fused with loaded fusion model ``model_version``."""
+        model = await self.fusion.model.remote(model_version)
+        n = await asyncio.to_thread(self.engine.commit_swap, modality, model, batch_size)
+        settle_heap()
+        return {"model_version": model.version, "items": n, "encoder_versions": dict(self.schema.encoder_versions)}
+
+    async def training_snapshot(self, swapping: str | None = None) -> dict[str, Any]:
         """Items' modality vectors and every interaction (RetrievalEngine.training_snapshot), off the loop."""
-        return await asyncio.to_thread(self.engine.training_snapshot)
+        return await asyncio.to_thread(self.engine.training_snapshot, 1000, swapping)
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

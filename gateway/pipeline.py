@@ -6,6 +6,7 @@ Works on domain types and Serve DeploymentHandles; knows nothing of protobuf.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import Any
@@ -16,11 +17,15 @@ from fusionrec.encoders.base import InvalidContent
 from fusionrec.gateway.config import LimitsConfig, ServerConfig
 from fusionrec.gateway.domain import (InteractionEvent, ItemInput, ItemView, Ranked, Recommendation,
                             RecommendQuery, ScoredItem)
-from fusionrec.core.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from fusionrec.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from fusionrec.retrieval.base import SchemaMismatch, StoredItem
+from fusionrec.gateway.routing import EncoderRoutes
 from fusionrec.gateway.validation import check_id, check_interactions, check_items, check_recommend
 
 BYO_VERSION = "byo"
+#: How often the Gateway re-reads versions (model, encoders) and encoder swaps in progress.
+REFRESH_PERIOD_S = 2.0
+log = logging.getLogger("ray.serve")
 
 
 async def _awaited(response: Any) -> Any:
@@ -49,24 +54,39 @@ class Recommender:
     """The fusionrec service logic over handles to the encoder, fusion and retrieval deployments."""
 
     def __init__(self, encoders: dict[str, Any], fusion: Any, retrieval: Any,
-                 limits: LimitsConfig, server: ServerConfig) -> None:
+                 limits: LimitsConfig, server: ServerConfig, app_name: str = "fusionrec") -> None:
         self.encoders = encoders
+        self.routes = EncoderRoutes(encoders, app_name)
         self.fusion = fusion
         self.retrieval = retrieval
         self.limits = limits
         self.reserve_s = server.ranking_reserve_ms / 1000
-        self.encoder_versions: dict[str, str] = {}
+        self.encoder_versions: dict[str, str] = {}  # of the encoders in use (routes)
+        self.store_versions: dict[str, str] = {}  # of the stored vectors
         self.modality_dims: dict[str, int] = {}
         self.model_version = ""
 
     async def load(self) -> None:
-        """Wait until every deployment has loaded its model, and learn versions and dims."""
+        """Wait until every deployment has loaded its model, and learn versions, dims and which
+        encoder serves each modality (gateway/routing.py)."""
         infos = await asyncio.gather(*(h.info.remote() for h in self.encoders.values()))
-        self.encoder_versions = {m: info["version"] for m, info in zip(self.encoders, infos)}
-        store_info = await self.retrieval.info.remote()
+        store_info, swaps = await asyncio.gather(self.retrieval.info.remote(), self.retrieval.swaps.remote())
+        own = {m: info["version"] for m, info in zip(self.encoders, infos)}
+        await self.routes.refresh(own, store_info["encoder_versions"], swaps)
+        self.encoder_versions = dict(self.routes.versions)
+        self.store_versions = dict(store_info["encoder_versions"])
         self.modality_dims = dict(store_info["modality_dims"])
         # The store's fused vectors decide which fusion model scores requests (see `fusionrec reindex`).
         self.model_version = store_info["model_version"]
+
+    async def refresh_forever(self, period_s: float = REFRESH_PERIOD_S) -> None:
+        """Follow re-indexes and encoder swaps even when no request runs into them."""
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await self.load()
+            except Exception as err:  # a restarting deployment: keep the routes, try again
+                log.warning("refreshing versions failed: %r", err)
 
     # ---- Recommend ----
 
@@ -74,20 +94,19 @@ class Recommender:
         """deadline: absolute time.monotonic() by which the answer must be sent."""
         check_recommend(q, self.limits)
         stages = _Stages()
-        results = await asyncio.gather(*(self._encode_query(m, c, deadline) for m, c in q.query.by_modality.items()))
-        results = dict(zip(q.query.by_modality, results))
-        query = {m: vec for m, (vec, _) in results.items() if vec is not None}
-        dropped = {m: why for m, (vec, why) in results.items() if vec is None}
-        if q.query.by_modality:
-            stages.mark("encode")
-        self._check_deadline(deadline, "retrieval")
-        # Nothing personal to go on (no history; no query, or none encoded in time): popular items.
-        ranked = await self.retrieval.recommend.remote(q, query, self.model_version, self.limits.max_history)
-        if ranked is None:  # re-indexed with another fusion model meanwhile: follow it, once
-            await self.load()
-            ranked = await self.retrieval.recommend.remote(q, query, self.model_version, self.limits.max_history)
+        for _ in range(2):
+            query, versions, dropped = await self._encode_all(q, deadline)
+            if q.query.by_modality:
+                stages.mark("encode")
+            self._check_deadline(deadline, "retrieval")
+            # Nothing personal to go on (no history; no query, or none encoded in time): popular items.
+            ranked = await self.retrieval.recommend.remote(q, query, self.model_version, self.limits.max_history,
+                                                           versions)
+            if ranked is not None:
+                break
+            await self.load()  # re-indexed, or an encoder swap committed, meanwhile: follow it, once
         if ranked is None:
-            raise Unavailable("the store is being re-indexed with a new fusion model; retry")
+            self._raise_stale(versions)
         stages.mark("retrieve_and_rank")
         items = [ScoredItem(item_id=c.item_id, score=float(score),
                             contributions={m: float(v[i]) for m, v in ranked.contributions.items()},
@@ -101,6 +120,26 @@ class Recommender:
             encoder_versions=dict(self.encoder_versions),
             timings_ms=stages.ms if q.debug_timings else {})
 
+    async def _encode_all(self, q: RecommendQuery, deadline: float
+                          ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
+        """Every query modality concurrently: (vectors, their encoder versions, dropped -> why)."""
+        versions = {m: self.routes.versions.get(m, "") for m in q.query.by_modality}
+        results = await asyncio.gather(*(self._encode_query(m, c, deadline) for m, c in q.query.by_modality.items()))
+        results = dict(zip(q.query.by_modality, results))
+        query = {m: vec for m, (vec, _) in results.items() if vec is not None}
+        dropped = {m: why for m, (vec, why) in results.items() if vec is None}
+        return query, {m: versions[m] for m in query}, dropped
+
+    def _raise_stale(self, versions: dict[str, str]) -> None:
+        """Retrieval refused twice: say which version disagrees with the store."""
+        stale = {m: v for m, v in versions.items() if v != self.store_versions.get(m, v)}
+        if stale:
+            raise FailedPrecondition(
+                "query encoder versions " + ", ".join(f"{m} {v!r}" for m, v in stale.items()) + " do not match "
+                f"the stored vectors ({ {m: self.store_versions[m] for m in stale} }): swap the encoder with "
+                "`fusionrec encoders swap` instead of changing it in place")
+        raise Unavailable("the store is being re-indexed with a new fusion model; retry")
+
     async def _encode_query(self, modality: str, content: Any, deadline: float) -> tuple[np.ndarray | None, str]:
         """One query modality: (vector, "") or (None, why it was dropped)."""
         if modality not in self.encoders:
@@ -108,7 +147,7 @@ class Recommender:
         timeout_s = deadline - time.monotonic() - self.reserve_s
         if timeout_s <= 0:
             return None, "deadline reached before encoding"
-        response = self.encoders[modality].encode.remote(content)
+        response = self.routes.active[modality].encode.remote(content)
         try:
             return await asyncio.wait_for(_awaited(response), timeout_s), ""
         except asyncio.TimeoutError:
@@ -129,39 +168,50 @@ class Recommender:
     async def upsert(self, items: list[ItemInput]) -> int:
         """Encode, fuse and store a batch; all or nothing."""
         check_items(items, self.limits, self.modality_dims, set(self.encoders))
-        versions = self._vector_versions(items)
-        # One call per modality: the encoder replica batches the contents itself.
-        by_modality: dict[str, list[int]] = {}
-        for i, item in enumerate(items):
-            for m in item.content.by_modality:
-                by_modality.setdefault(m, []).append(i)
-        modalities = list(by_modality)
-        replies = await asyncio.gather(
-            *(self.encoders[m].encode_many.remote([items[i].content.by_modality[m] for i in by_modality[m]])
-              for m in modalities), return_exceptions=True)
-        vectors = [dict(item.vectors) for item in items]
-        for m, reply in zip(modalities, replies):
-            if isinstance(reply, BaseException):
-                raise Unavailable(f"the {m} encoder failed ({type(reply).__name__}); nothing was stored, retry")
-            for i, result in zip(by_modality[m], reply):
-                if isinstance(result, InvalidContent):
-                    raise InvalidArgument(f"items[{i}] ({items[i].item_id!r}) content.{m}: {result.reason}")
-                vectors[i][m] = result
-                versions[i][m] = self.encoder_versions[m]
+        contents = [dict(item.content.by_modality) for item in items]  # kept by Retrieval (content retention)
         for attempt in (1, 2):
+            versions = self._vector_versions(items)
+            vectors, shadow = await self._encode_items(items, versions)
             version = self.model_version
             fused = await self.fusion.item_vectors.remote(vectors, [item.item_id for item in items], version)
             stored = [StoredItem(item_id=item.item_id, attributes=item.attributes, modality_vectors=vectors[i],
                                  fused=fused[i], encoder_versions=versions[i], model_version=version)
                       for i, item in enumerate(items)]
             try:
-                # the raw content goes along: the Retrieval replica keeps it (content retention)
-                return await self.retrieval.upsert.remote(stored, [dict(item.content.by_modality) for item in items])
+                return await self.retrieval.upsert.remote(stored, contents, shadow)
             except SchemaMismatch:
                 if attempt == 2:
                     raise
-                await self.load()  # re-indexed meanwhile: fuse again with the store's model
+                await self.load()  # re-indexed or an encoder swapped meanwhile: encode and fuse again
         raise AssertionError("unreachable")
+
+    async def _encode_items(self, items: list[ItemInput], versions: list[dict[str, str]]
+                            ) -> tuple[list[dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
+        """Per item, modality -> vector (bring-your-own ones included; ``versions`` filled in), and
+        during an encoder swap the incoming encoder's vectors: modality -> item id -> vector."""
+        by_modality: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            for m in item.content.by_modality:
+                by_modality.setdefault(m, []).append(i)
+        routes = self.routes
+        # One call per modality and encoder: the encoder replica batches the contents itself.
+        calls = [(m, h) for m in by_modality for h in (routes.active[m], routes.shadow.get(m)) if h is not None]
+        replies = await asyncio.gather(
+            *(h.encode_many.remote([items[i].content.by_modality[m] for i in by_modality[m]]) for m, h in calls),
+            return_exceptions=True)
+        vectors = [dict(item.vectors) for item in items]
+        shadow: dict[str, dict[str, np.ndarray]] = {}
+        for (m, handle), reply in zip(calls, replies):
+            if isinstance(reply, BaseException):
+                raise Unavailable(f"the {m} encoder failed ({type(reply).__name__}); nothing was stored, retry")
+            for i, result in zip(by_modality[m], reply):
+                if isinstance(result, InvalidContent):
+                    raise InvalidArgument(f"items[{i}] ({items[i].item_id!r}) content.{m}: {result.reason}")
+                if handle is routes.active[m]:
+                    vectors[i][m], versions[i][m] = result, routes.versions[m]
+                else:
+                    shadow.setdefault(m, {})[items[i].item_id] = result
+        return vectors, shadow
 
     def _vector_versions(self, items: list[ItemInput]) -> list[dict[str, str]]:
         """Versions of bring-your-own vectors; refuses vectors from another encoder than ours."""

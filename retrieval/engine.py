@@ -73,10 +73,13 @@ class RetrievalEngine:
         with self._lock:
             return self.store.count()
 
-    def upsert(self, items: list[StoredItem], contents: list[dict[str, str | bytes]] | None = None) -> int:
+    def upsert(self, items: list[StoredItem], contents: list[dict[str, str | bytes]] | None = None,
+               shadow: dict[str, dict[str, np.ndarray]] | None = None) -> int:
         """Insert or replace items.
 
         Args:
+            shadow: during an encoder swap, modality -> item id -> the incoming encoder's vector,
+                kept beside the served ones (written first: a failed write leaves a harmless extra).
             contents: per item (same order), modality -> the raw content its vector was encoded
                 from. With a content store, it is kept first and its hashes recorded with the
                 item (``StoredItem.content``); a write that fails afterwards may leave kept
@@ -87,9 +90,23 @@ class RetrievalEngine:
                 raise ValueError(f"{len(contents)} contents for {len(items)} items")
             items = [replace(it, content={**(it.content or {}), **self.content.put_many(c)}) if c else it
                      for it, c in zip(items, contents)]
+        if shadow:  # a swap that committed meanwhile takes no more shadow vectors (the write below refuses)
+            active = self.swaps()
+            for modality, vectors in shadow.items():
+                if modality in active:
+                    self.put_shadow(modality, vectors)
         with self._lock:
             self.store.upsert(items)
         return len(items)
+
+    def read_contents(self, item_ids: list[str], modality: str) -> dict[str, bytes]:
+        """The raw ``modality`` content kept for each of ``item_ids`` that has some (text as UTF-8)."""
+        with self._lock:
+            items = self.store.get(item_ids)
+        digests = {i: (it.content or {}).get(modality) for i, it in items.items()}
+        if self.content is None:
+            return {}
+        return {i: self.content.get(d) for i, d in digests.items() if d}
 
     def read_content(self, item_id: str, modality: str) -> bytes:
         """The raw content kept for ``item_id``'s ``modality`` (text as UTF-8), e.g. to re-encode it.
@@ -146,7 +163,7 @@ class RetrievalEngine:
     # ----------------------------------------------------------------- recommend
 
     def recommend(self, q: RecommendQuery, query: dict[str, np.ndarray], model: FusionModel,
-                  history_limit: int) -> Ranked | None:
+                  history_limit: int, query_versions: dict[str, str] | None = None) -> Ranked | None:
         """History -> user vector -> search -> per-modality attribution, with fusion ``model``.
 
         Args:
@@ -155,15 +172,20 @@ class RetrievalEngine:
             query: modality -> (modality_dims[m],) encoded query content; may be empty.
             model: the fusion model the stored fused vectors were made with.
             history_limit: most recent events of ``q.user_id`` to use.
+            query_versions: modality -> version of the encoder that made ``query[m]``.
         Returns:
             the ranked candidates, or None when ``model`` is not the one the stored vectors
-            were made with (the store was re-indexed meanwhile).
+            were made with (the store was re-indexed meanwhile), or a query vector comes from
+            another encoder version than the stored vectors (an encoder swap committed meanwhile).
             With no usable history and no query content, the most popular items that pass the
             filters and exclusions (``Ranked.popular``; see ``popular``).
         Raises:
             InvalidArgument: the model cannot use the request (e.g. an unknown query modality).
         """
         if model.version != self.schema.model_version:
+            return None
+        stored = self.schema.encoder_versions
+        if any(v != stored.get(m, v) for m, v in (query_versions or {}).items() if m in query):
             return None
         with self._lock:
             history_ids, history = self._history(q, model.dim, history_limit)
@@ -221,6 +243,12 @@ class RetrievalEngine:
         with self._lock:
             resumed = self.store.shadow(modality).begin(version, dim)
         return self.swap_status(modality) | {"resumed": resumed}
+
+    def swaps(self) -> dict[str, str]:
+        """Encoder swaps in progress: modality -> the incoming encoder's version."""
+        with self._lock:
+            states = {m: self.store.shadow(m).state() for m in self.schema.modality_dims}
+        return {m: s["version"] for m, s in states.items() if s and not s["committed"]}
 
     def swap_status(self, modality: str) -> dict[str, Any]:
         """The swap in progress: incoming version, items holding ``modality``, those with a shadow
@@ -280,9 +308,12 @@ class RetrievalEngine:
 
     # ----------------------------------------------------------------- training
 
-    def training_snapshot(self, batch_size: int = 1000) -> dict[str, Any]:
+    def training_snapshot(self, batch_size: int = 1000, swapping: str | None = None) -> dict[str, Any]:
         """Every item's per-modality vectors and every recorded interaction, for training the fusion
         model on the store (``fusionrec train --from-store``; fusionrec.fusion.train.from_store).
+
+        With ``swapping`` (a modality whose encoder swap is filling), that modality's vectors and
+        version are the incoming encoder's (shadow vectors): the model is refitted for the new space.
 
         Returns:
             ``item_ids`` (n,); ``vectors`` modality -> (n, dim_m) float32 (zero rows where absent);
@@ -299,9 +330,24 @@ class RetrievalEngine:
                     for m, rows in vectors.items():
                         rows.append(item.modality_vectors.get(m))
             events = [(e.user_id, e.item_id, e.timestamp_s) for e in self.store.interactions()]
+            versions = dict(schema.encoder_versions)
+            if swapping is not None:
+                versions[swapping] = self._shadow_rows(swapping, item_ids, vectors[swapping])
         present = {m: np.array([v is not None for v in rows], dtype=bool) for m, rows in vectors.items()}
         matrices = {m: np.stack([np.zeros(schema.modality_dims[m], np.float32) if v is None else v for v in rows])
                     if rows else np.zeros((0, schema.modality_dims[m]), np.float32) for m, rows in vectors.items()}
         return {"item_ids": item_ids, "vectors": matrices, "present": present, "events": events,
-                "modality_dims": dict(schema.modality_dims), "encoder_versions": dict(schema.encoder_versions),
+                "modality_dims": dict(schema.modality_dims), "encoder_versions": versions,
                 "model_version": schema.model_version}
+
+    def _shadow_rows(self, modality: str, item_ids: list[str], rows: list[np.ndarray | None]) -> str:
+        """Replace ``rows`` (per item id) by their shadow vectors; returns the incoming version."""
+        shadow = self.store.shadow(modality)
+        state = shadow.state()
+        if state is None:
+            raise NotFound(f"no {modality} encoder swap in progress")
+        found = shadow.fetch([i for i, v in zip(item_ids, rows) if v is not None])
+        for k, item_id in enumerate(item_ids):
+            if rows[k] is not None:
+                rows[k] = found.get(item_id)  # an item not re-encoded yet counts as lacking the modality
+        return state["version"]
