@@ -132,6 +132,15 @@ def bench_retrieval(sizes: str = "10000,100000,1000000", out_dir: Path = RESULTS
 
 
 
+@bench_app.command("swap")
+def bench_swap(config: Path = CONFIG, items: int = typer.Option(10_000, help="Stored items with image content."),
+               users: int = 200, baseline_s: float = 20.0, out_dir: Path = RESULTS) -> None:
+    """Swap the image encoder (Lite0 -> Lite2) under a steady Recommend load: bench/results/swap.{json,png}."""
+    from fusionrec.bench.swap import run_swap
+
+    run_swap(config, out_dir, n_items=items, n_users=users, baseline_s=baseline_s, log=typer.echo)
+
+
 @bench_app.command("frontdoor")
 def bench_frontdoor(config: Path = CONFIG, levels: str = "1,4,16,32", duration_s: float = 8.0,
                     out_dir: Path = RESULTS) -> None:

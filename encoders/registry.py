@@ -11,6 +11,7 @@ from fusionrec.encoders.base import Encoder
 ENCODERS: dict[str, str] = {
     "minilm-l6-v2": "fusionrec.encoders.text_minilm:MiniLMTextEncoder",
     "efficientnet-lite0": "fusionrec.encoders.image_efficientnet:EfficientNetLiteImageEncoder",
+    "efficientnet-lite2": "fusionrec.encoders.image_efficientnet_lite2:EfficientNetLite2ImageEncoder",
     "librosa-mel-mfcc": "fusionrec.encoders.audio_librosa:LibrosaAudioEncoder",
 }
 

@@ -203,6 +203,20 @@ def stop(app_name: str | None = None) -> None:
         ray.shutdown()
 
 
+def replica_ids(app_name: str) -> dict[str, set[str]]:
+    """Deployment name -> the ids of its live replicas (Serve names each replica actor
+    ``SERVE_REPLICA::<app>#<deployment>#<id>``), to tell a restarted deployment from one left alone."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app_name}#"
+    out: dict[str, set[str]] = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(prefix):
+            deployment, replica = actor["name"][len(prefix):].split("#")
+            out.setdefault(deployment, set()).add(replica)
+    return out
+
+
 def call_handle(handle: Any, method: str, *args: Any, timeout_s: float = 60) -> Any:
     """Call a DeploymentHandle method from synchronous code and wait for the result.
 

@@ -3,7 +3,6 @@ updates that deployment only, and every other deployment keeps its replicas."""
 
 from __future__ import annotations
 
-import collections
 import time
 
 import pytest
@@ -13,20 +12,12 @@ from fusionrec.v1 import recommender_pb2 as pb
 
 pytestmark = pytest.mark.integration
 
-REPLICA_PREFIX = "SERVE_REPLICA::"  # Serve names every replica actor "SERVE_REPLICA::<app>#<deployment>#<id>"
-
 
 def replicas(app_name: str) -> dict[str, set[str]]:
     """Deployment name -> the ids of its live replica actors."""
-    import ray
+    from fusionrec.gateway.runtime import replica_ids
 
-    out: dict[str, set[str]] = collections.defaultdict(set)
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        name = actor["name"]
-        if name.startswith(f"{REPLICA_PREFIX}{app_name}#"):
-            _, deployment, replica_id = name[len(REPLICA_PREFIX):].split("#")
-            out[deployment].add(replica_id)
-    return dict(out)
+    return replica_ids(app_name)
 
 
 def test_one_encoder_setting_changes_only_that_encoder(service, client, loaded):
