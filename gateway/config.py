@@ -42,6 +42,7 @@ class LimitsConfig(_Strict):
     max_id_bytes: int = Field(ID_MAX_BYTES, ge=1, le=ID_MAX_BYTES,
                               description="Longest item or user id, in UTF-8 bytes (the store holds at most 256).")
     max_interactions_batch: int = Field(10_000, ge=1, description="Most events per RecordInteractions call.")
+    max_delete_batch: int = Field(1_000, ge=1, description="Most ids per DeleteItems call.")
 
 
 class EncoderConfig(_Strict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import threading
 from dataclasses import asdict
 from typing import Any
@@ -27,6 +28,8 @@ log = logging.getLogger("ray.serve")  # lands in the replica log files
 
 
 SETTLE_EVERY_ITEMS = 20_000
+#: Niceness of an encoder replica doing background work (an encoder swap's re-encoding).
+BACKGROUND_NICE = 10
 
 
 def settle_heap() -> None:
@@ -44,7 +47,9 @@ def settle_heap() -> None:
 class EncoderDeployment:
     """One modality encoder behind @serve.batch; a bad input fails only its own request."""
 
-    def __init__(self, modality: str, config: dict) -> None:
+    def __init__(self, modality: str, config: dict, background: bool = False) -> None:
+        if background:  # a re-encoding job: the OS gives serving processes the cores first
+            os.nice(BACKGROUND_NICE)
         self.modality = modality
         self.configured = EncoderConfig.model_validate(config)  # the app args' choice
         self.current = self.configured  # what runs now: user_config's `encoder` replaces it

@@ -230,12 +230,15 @@ class Recommender:
         return out
 
     async def delete(self, item_ids: list[str]) -> tuple[int, list[str]]:
-        for i, item_id in enumerate(item_ids):
-            check_id(item_id, f"item_ids[{i}]", self.limits)
         if not item_ids:
             raise InvalidArgument("item_ids must not be empty")
-        deleted = await self.retrieval.delete.remote(item_ids)
-        return len(deleted), [i for i in item_ids if i not in set(deleted)]
+        if len(item_ids) > self.limits.max_delete_batch:
+            raise InvalidArgument(f"{len(item_ids)} item_ids in one call; the limit is {self.limits.max_delete_batch}: "
+                                  "split the batch")
+        for i, item_id in enumerate(item_ids):
+            check_id(item_id, f"item_ids[{i}]", self.limits)
+        deleted = set(await self.retrieval.delete.remote(item_ids))
+        return len(deleted), [i for i in item_ids if i not in deleted]
 
     async def get(self, item_id: str) -> ItemView:
         check_id(item_id, "item_id", self.limits)

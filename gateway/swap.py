@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from fusionrec.core.errors import FailedPrecondition
 from fusionrec.gateway.config import EncoderConfig, encoder_deployment_name
 from fusionrec.gateway.pipeline import REFRESH_PERIOD_S
 from fusionrec.gateway.routing import swap_app_name
@@ -57,14 +58,19 @@ def swap_encoder(modality: str, encoder: EncoderConfig, config: Path, ray_addres
     fusion_cfg = _refit(modality, info["version"], config, ray_address, overrides, app_name, echo, **train_options)
     model_version = call_handle(serve.get_deployment_handle("Fusion", app_name), "info", timeout_s=120)["version"]
     t_commit = time.monotonic()
-    committed = call_handle(retrieval, "commit_swap", modality, model_version, timeout_s=3600)
+    try:
+        committed = call_handle(retrieval, "commit_swap", modality, model_version, timeout_s=3600)
+    except FailedPrecondition:  # an upsert slipped past the dual encoding: re-encode it, then switch
+        asyncio.run(reencode_all(retrieval, incoming, modality, echo))
+        committed = call_handle(retrieval, "commit_swap", modality, model_version, timeout_s=3600)
+    switch_s = time.monotonic() - t_commit
     echo(f"switched: {committed['items']} items now hold {modality} {info['version']}, model {model_version} "
-         f"({time.monotonic() - t_commit:.1f} s)")
+         f"({switch_s:.1f} s)")
     _adopt(modality, encoder, info["version"], rendered, fusion_cfg, config, ray_address, overrides, app_name)
     time.sleep(2 * REFRESH_PERIOD_S)  # Gateways route back to the app's own deployment
     serve.delete(swap_app_name(app_name, modality))
     report = {"modality": modality, "from": before, "to": info["version"], "model_version": model_version,
-              **reencode, "commit_s": round(time.monotonic() - t_commit, 2),
+              **reencode, "switch_s": round(switch_s, 2),
               "swap_total_s": round(time.monotonic() - t0, 2), "encoder": encoder.model_dump()}
     echo(f"done in {report['swap_total_s']} s. To keep it across restarts, set in your config's deployments list: "
          f"- name: {encoder_deployment_name(modality)}\n    user_config: {{encoder: {encoder.model_dump()}}}")
@@ -99,7 +105,8 @@ def _start_incoming(modality: str, encoder: EncoderConfig, rendered: dict[str, A
     name = encoder_deployment_name(modality)
     options = deployment_options(name, rendered.get("deployments"))
     options["user_config"] = {k: v for k, v in (options.get("user_config") or {}).items() if k != "encoder"}
-    app = EncoderDeployment.options(**options).bind(modality, encoder.model_dump())
+    # Background priority: the re-encoding takes the cores serving leaves idle (tail latency first).
+    app = EncoderDeployment.options(**options).bind(modality, encoder.model_dump(), True)
     serve.run(app, name=swap_app_name(app_name, modality), route_prefix=None)
     return serve.get_deployment_handle(name, swap_app_name(app_name, modality))
 

@@ -38,6 +38,22 @@ def check_filters(filters: list[FilterSpec], limits: LimitsConfig) -> None:
             raise InvalidArgument(f"{what}.in_set needs 1..{limits.max_set_values} values, got {len(f.in_set)}")
 
 
+#: A bring-your-own vector's largest |value| and smallest norm: beyond them fusion overflows to NaN or
+#: fuses to zero (denormals), so the caller's mistake would surface as INTERNAL or as a silent no-op.
+VECTOR_MAX_ABS = 1e6
+VECTOR_MIN_NORM = 1e-6
+
+
+def check_vector_values(vec: np.ndarray, what: str) -> None:
+    """InvalidArgument unless ``vec`` is finite, bounded and of a usable (normal, non-zero) norm."""
+    if not np.isfinite(vec).all():
+        raise InvalidArgument(f"{what} must be finite (no NaN or inf)")
+    if np.abs(vec).max(initial=0.0) > VECTOR_MAX_ABS:
+        raise InvalidArgument(f"{what} has values beyond ±{VECTOR_MAX_ABS:g}; send it normalised")
+    if float(np.linalg.norm(vec.astype(np.float64))) < VECTOR_MIN_NORM:
+        raise InvalidArgument(f"{what} is all zero or denormal (norm < {VECTOR_MIN_NORM:g})")
+
+
 def check_recommend(q: RecommendQuery, limits: LimitsConfig) -> None:
     """Raise InvalidArgument unless the query is well-formed; fills in the default k."""
     if q.user_id:
@@ -82,8 +98,7 @@ def check_items(items: list[ItemInput], limits: LimitsConfig, modality_dims: dic
                 raise InvalidArgument(f"{what}: {modality} given both as content and as a vector")
             if vec.shape != (modality_dims[modality],):
                 raise InvalidArgument(f"{what}: {modality} vector has {vec.size} values, expected {modality_dims[modality]}")
-            if not np.isfinite(vec).all() or not np.any(vec):
-                raise InvalidArgument(f"{what}: {modality} vector must be finite and not all zero")
+            check_vector_values(vec, f"{what}: {modality} vector")
         if not item.content.by_modality and not item.vectors:
             raise InvalidArgument(f"{what}: give content or vectors for at least one modality")
 

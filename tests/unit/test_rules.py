@@ -91,3 +91,27 @@ def test_core_and_engines_import_no_grpc():
             "bad = sorted(m for m in sys.modules if m == 'grpc' or m.startswith(('grpc.', 'ray')));"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ([1e30, 0, 0, 0, 0, 0, 0, 0], "beyond"),  # would overflow to NaN in fusion
+    ([1e-40] * 8, "denormal"),  # would fuse to zero
+    ([0.0] * 8, "all zero"),
+    ([float("nan")] + [1.0] * 7, "finite"),
+])
+def test_bring_your_own_vectors_must_be_usable(values, fragment):
+    item = ItemInput(item_id="a", attributes={}, content=QueryContent(),
+                     vectors={"text": np.asarray(values, np.float32)})
+    with pytest.raises(InvalidArgument, match=fragment):
+        check_items([item], LIMITS, {"text": 8}, set())
+
+
+def test_delete_batches_are_bounded_before_any_call():
+    import asyncio
+
+    from fusionrec.gateway.config import ServerConfig
+    from fusionrec.gateway.pipeline import Recommender
+
+    recommender = Recommender({}, None, None, LimitsConfig(max_delete_batch=3), ServerConfig())
+    with pytest.raises(InvalidArgument, match="4 item_ids in one call; the limit is 3"):
+        asyncio.run(recommender.delete(["a", "b", "c", "d"]))  # no retrieval behind it: refused first
