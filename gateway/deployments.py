@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import threading
 from dataclasses import asdict
 from typing import Any
@@ -28,8 +27,6 @@ log = logging.getLogger("ray.serve")  # lands in the replica log files
 
 
 SETTLE_EVERY_ITEMS = 20_000
-#: Niceness of an encoder replica doing background work (an encoder swap's re-encoding).
-BACKGROUND_NICE = 10
 
 
 def settle_heap() -> None:
@@ -47,9 +44,7 @@ def settle_heap() -> None:
 class EncoderDeployment:
     """One modality encoder behind @serve.batch; a bad input fails only its own request."""
 
-    def __init__(self, modality: str, config: dict, background: bool = False) -> None:
-        if background:  # a re-encoding job: the OS gives serving processes the cores first
-            os.nice(BACKGROUND_NICE)
+    def __init__(self, modality: str, config: dict) -> None:
         self.modality = modality
         self.configured = EncoderConfig.model_validate(config)  # the app args' choice
         self.current = self.configured  # what runs now: user_config's `encoder` replaces it
@@ -296,11 +291,11 @@ class RetrievalDeployment:
     async def swap_status(self, modality: str) -> dict[str, Any]:
         return await asyncio.to_thread(self.engine.swap_status, modality)
 
-    async def swap_todo(self, modality: str) -> list[str]:
+    async def swap_todo(self, modality: str) -> dict[str, str]:
         return await asyncio.to_thread(self.engine.swap_todo, modality)
 
-    def read_contents(self, item_ids: list[str], modality: str) -> dict[str, bytes]:
-        return self.engine.read_contents(item_ids, modality)
+    async def read_digests(self, digests: list[str]) -> dict[str, bytes]:
+        return await asyncio.to_thread(self.engine.read_digests, digests)
 
     def put_shadow(self, modality: str, vectors: dict[str, np.ndarray]) -> int:
         return self.engine.put_shadow(modality, vectors)

@@ -46,11 +46,16 @@ class EncoderRoutes:
         self.active: dict[str, Any] = dict(own)
         self.versions: dict[str, str] = {}
         self.shadow: dict[str, Any] = {}  # modality -> incoming encoder of a swap still filling
+        self._incoming: dict[str, Any] = {}
 
     def incoming(self, modality: str) -> Any:
+        """The handle of ``modality``'s swap application (kept: a new handle first waits for its routes)."""
         from ray import serve
 
-        return serve.get_deployment_handle(encoder_deployment_name(modality), swap_app_name(self.app_name, modality))
+        if modality not in self._incoming:
+            self._incoming[modality] = serve.get_deployment_handle(encoder_deployment_name(modality),
+                                                                   swap_app_name(self.app_name, modality))
+        return self._incoming[modality]
 
     async def refresh(self, own: dict[str, str], stored: dict[str, str], swaps: dict[str, str]) -> None:
         """Route each modality to the deployment whose version is ``stored[m]``.

@@ -1,7 +1,8 @@
 """Swap one modality's encoder while serving (`fusionrec encoders swap`), over the running app's handles.
 
 1. The incoming encoder starts as its own deployment, in its own Serve application
-   (``<app>-swap-<modality>``): the app's deployments are not redeployed.
+   (``<app>-swap-<modality>``): the app's deployments are not redeployed. (It runs at normal priority:
+   at nice 10 it did not lower Recommend's p99, and after the switch it serves queries until step 6.)
 2. The store collects its vectors beside the served ones (shadow vectors, retrieval/shadow.py); the
    Gateways notice within a refresh period and encode new upserts with both encoders.
 3. A re-encoding job reads every item's kept content and fills the shadow vectors, in concurrent
@@ -105,8 +106,7 @@ def _start_incoming(modality: str, encoder: EncoderConfig, rendered: dict[str, A
     name = encoder_deployment_name(modality)
     options = deployment_options(name, rendered.get("deployments"))
     options["user_config"] = {k: v for k, v in (options.get("user_config") or {}).items() if k != "encoder"}
-    # Background priority: the re-encoding takes the cores serving leaves idle (tail latency first).
-    app = EncoderDeployment.options(**options).bind(modality, encoder.model_dump(), True)
+    app = EncoderDeployment.options(**options).bind(modality, encoder.model_dump())
     serve.run(app, name=swap_app_name(app_name, modality), route_prefix=None)
     return serve.get_deployment_handle(name, swap_app_name(app_name, modality))
 
@@ -117,13 +117,14 @@ async def reencode_all(retrieval: Any, incoming: Any, modality: str, echo: Echo 
 
     done, failed, t0 = 0, set(), time.monotonic()
     while True:
-        todo = [i for i in await retrieval.swap_todo.remote(modality) if i not in failed]
+        todo = {i: d for i, d in (await retrieval.swap_todo.remote(modality)).items() if i not in failed}
         if not todo:
             break
-        chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]
+        pairs = list(todo.items())
+        chunks = [dict(pairs[i:i + CHUNK]) for i in range(0, len(pairs), CHUNK)]
         gate = asyncio.Semaphore(CONCURRENCY)
         with tqdm(total=len(todo), desc=f"re-encode {modality}", unit="item") as bar:
-            async def one(chunk: list[str]) -> None:
+            async def one(chunk: dict[str, str]) -> None:
                 async with gate:
                     refused = await _reencode_chunk(retrieval, incoming, modality, chunk)
                     failed.update(refused)
@@ -139,17 +140,18 @@ async def reencode_all(retrieval: Any, incoming: Any, modality: str, echo: Echo 
             "refused_items": sorted(failed)}
 
 
-async def _reencode_chunk(retrieval: Any, incoming: Any, modality: str, ids: list[str]) -> list[str]:
-    """Re-encode ``ids``' kept content into shadow vectors; returns the ids the new encoder refused."""
+async def _reencode_chunk(retrieval: Any, incoming: Any, modality: str, digests: dict[str, str]) -> list[str]:
+    """Re-encode the kept content (item id -> digest) into shadow vectors; returns the ids the new
+    encoder refused."""
     for attempt in range(RETRIES):
         try:
-            contents = await retrieval.read_contents.remote(ids, modality)
-            keys = list(contents)
-            inputs = [contents[i].decode("utf-8") if modality == "text" else contents[i] for i in keys]
-            vectors = await incoming.encode_many.remote(inputs)
+            contents = await retrieval.read_digests.remote(list(digests.values()))
+            keys = list(digests)
+            raw = [contents[digests[i]] for i in keys]
+            vectors = await incoming.encode_many.remote([c.decode("utf-8") for c in raw] if modality == "text" else raw)
             good = {i: v for i, v in zip(keys, vectors) if not isinstance(v, Exception)}
             await retrieval.put_shadow.remote(modality, good)
-            return [i for i in ids if i not in good]
+            return [i for i in keys if i not in good]
         except Exception:  # a replica restarting (killed, redeployed): wait and retry the chunk
             await asyncio.sleep(min(0.5 * 2 ** attempt, 5.0))
     raise RuntimeError(f"re-encoding {len(ids)} {modality} items kept failing; rerun to resume")

@@ -99,14 +99,11 @@ class RetrievalEngine:
             self.store.upsert(items)
         return len(items)
 
-    def read_contents(self, item_ids: list[str], modality: str) -> dict[str, bytes]:
-        """The raw ``modality`` content kept for each of ``item_ids`` that has some (text as UTF-8)."""
-        with self._lock:
-            items = self.store.get(item_ids)
-        digests = {i: (it.content or {}).get(modality) for i, it in items.items()}
+    def read_digests(self, digests: list[str]) -> dict[str, bytes]:
+        """Kept content by digest (text as UTF-8), without the store lock: Recommend does not wait on it."""
         if self.content is None:
-            return {}
-        return {i: self.content.get(d) for i, d in digests.items() if d}
+            raise NotFound("no content is kept (store.retain_content is off)")
+        return {d: self.content.get(d) for d in dict.fromkeys(digests)}
 
     def read_content(self, item_id: str, modality: str) -> bytes:
         """The raw content kept for ``item_id``'s ``modality`` (text as UTF-8), e.g. to re-encode it.
@@ -263,12 +260,13 @@ class RetrievalEngine:
                 "done": sum(i in have for i, _ in holding),
                 "without_content": sorted(i for i, kept in holding if not kept and i not in have)}
 
-    def swap_todo(self, modality: str) -> list[str]:
-        """Ids of items holding ``modality`` with content kept and no shadow vector yet."""
+    def swap_todo(self, modality: str) -> dict[str, str]:
+        """Items holding ``modality`` with content kept and no shadow vector yet: id -> content digest
+        (``read_digests`` then reads the content without touching the store)."""
         with self._lock:
             have = self.store.shadow(modality).ids()
-            return [it.item_id for batch in self.store.iter_items() for it in batch
-                    if modality in it.modality_vectors and it.item_id not in have and (it.content or {}).get(modality)]
+            return {it.item_id: it.content[modality] for batch in self.store.iter_items() for it in batch
+                    if modality in it.modality_vectors and it.item_id not in have and (it.content or {}).get(modality)}
 
     def put_shadow(self, modality: str, vectors: dict[str, np.ndarray]) -> int:
         """Store incoming-encoder vectors of ``modality`` by item id ((dim,) each)."""

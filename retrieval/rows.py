@@ -51,14 +51,14 @@ class ItemRows:
     def prepare(self, item: StoredItem) -> tuple[dict, dict]:
         """(items row, modality-vectors row) of ``item``; raises for anything the schema refuses."""
         item_id = check_id(item.item_id)
-        fused = as_vector(item.fused, self.schema.fused_dim, f"item {item_id!r} fused")
         mv = item.model_version
-        if mv != self.schema.model_version:
+        if mv != self.schema.model_version:  # before the shape: another model's vector may have another dim
             raise SchemaMismatch(
                 f"item {item_id!r}: fused vector from model version {mv!r}, but this store holds "
                 f"model version {self.schema.model_version!r}; re-run the item tower with the "
                 f"configured model or open a store configured for {mv!r}."
             )
+        fused = as_vector(item.fused, self.schema.fused_dim, f"item {item_id!r} fused")
         mrow = self._modality_row(item_id, item)
         irow: dict[str, Any] = {F_ID: item_id, F_FUSED: fused, F_MODEL_VERSION: mv}
         for name, value in (item.attributes or {}).items():

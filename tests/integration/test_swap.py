@@ -92,7 +92,8 @@ def test_swap_text_encoder_while_serving_resumes_after_a_kill(service, client, l
         info = call_handle(incoming, "info", timeout_s=600)
         assert info["version"] not in old  # max_length changes the vectors, so the version
         call_handle(retrieval, "begin_swap", "text", info["version"], info["dim"])
-        first = call_handle(retrieval, "swap_todo", "text")[: len(catalog) // 3]
+        todo = call_handle(retrieval, "swap_todo", "text")
+        first = dict(list(todo.items())[: len(catalog) // 3])
         asyncio.run(swap._reencode_chunk(retrieval, incoming, "text", first))
         _kill_incoming_replica(service.app_name)  # ... and its replica dies
         report = swap.swap_encoder("text", SHORT, default_config(), overrides=service.overrides,

@@ -51,7 +51,9 @@ def test_shadow_vectors_wait_beside_the_served_ones_then_switch_atomically(engin
     new = {i: unit(rng, 3) for i in IDS}
     status = engine.begin_swap("image", "image-v2", 3)
     assert (status["version"], status["items"], status["done"], status["resumed"]) == ("image-v2", 8, 0, False)
-    assert sorted(engine.swap_todo("image")) == IDS
+    todo = engine.swap_todo("image")
+    assert sorted(todo) == IDS
+    assert engine.read_digests([todo["i3"]]) == {todo["i3"]: b"png of i3"}  # the kept content, by digest
     engine.put_shadow("image", {i: new[i] for i in IDS[:5]})
     assert engine.begin_swap("image", "image-v2", 3)["resumed"] and engine.swap_status("image")["done"] == 5
     assert sorted(engine.swap_todo("image")) == IDS[5:]

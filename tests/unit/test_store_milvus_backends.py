@@ -117,8 +117,8 @@ def test_reindex_switches_fused_vectors_atomically(db_path: str, backend: str):
     assert got["x0"].model_version == "fusion-2" and got["x0"].fused.shape == (8,)
     assert_same_item(got["x1"], StoredItem("x1", items[1].attributes, items[1].modality_vectors,
                                            want["x1"].astype(np.float32), items[1].encoder_versions, "fusion-2"))
-    with pytest.raises(ValueError, match="expected shape"):
-        s.upsert([items[0]])  # the old model's vectors are refused now
+    with pytest.raises(SchemaMismatch, match="model version 'fusion-1'"):
+        s.upsert([items[0]])  # the old model's vectors are refused now (a caller re-fuses on this)
     s.upsert([StoredItem("x0", {"genre": "rock"}, items[0].modality_vectors, want["x0"].astype(np.float32),
                          items[0].encoder_versions, "fusion-2")])
     s.reindex(make_schema(fused_dim=8, model_version="fusion-3"), tower)  # and again
