@@ -73,7 +73,7 @@ def _p99(samples: list[tuple[float, float, bool]]) -> float:
 
 
 def run_swap(config: Path, out_dir: Path, n_items: int = 10_000, n_users: int = 200, baseline_s: float = 20.0,
-             log: Log = print) -> dict[str, Any]:
+             callers: int = 2, log: Log = print) -> dict[str, Any]:
     """Seed, measure the raw incoming encoder, then swap under load; returns and writes the summary."""
     from fusionrec.cli.sample_catalog import generate_catalog
     from fusionrec.core.paths import shared_path
@@ -91,7 +91,7 @@ def run_swap(config: Path, out_dir: Path, n_items: int = 10_000, n_users: int = 
             users = _seed(Client(running.target), images, n_items, n_users, log)
             raw, _ = raw_throughput(INCOMING["name"], {}, images, 256, batch_sizes=(8, 16))
             log(f"raw {INCOMING['name']}: {raw:.1f} items/s")
-            result = _swap_under_load(running, users, config, overrides, raw, log,
+            result = _swap_under_load(running, users, callers, raw, log,
                                       lambda: swap_encoder("image", EncoderConfig(**INCOMING), config,
                                                            overrides=overrides, app_name=running.app_name, echo=log),
                                       baseline_s, replica_ids)
@@ -104,9 +104,9 @@ def run_swap(config: Path, out_dir: Path, n_items: int = 10_000, n_users: int = 
     return result
 
 
-def _swap_under_load(running: Any, users: list[str], config: Path, overrides: dict, raw: float, log: Log,
+def _swap_under_load(running: Any, users: list[str], callers: int, raw: float, log: Log,
                      swap: Callable[[], dict], baseline_s: float, replica_ids: Callable[[str], dict]) -> dict[str, Any]:
-    load = Load(running.target, users)
+    load = Load(running.target, users, callers)
     before_ids = replica_ids(running.app_name)
     load.start()
     time.sleep(baseline_s)
@@ -119,16 +119,17 @@ def _swap_under_load(running: Any, users: list[str], config: Path, overrides: di
     after_ids = replica_ids(running.app_name)
     others = [n for n in before_ids if n != "ImageEncoder"]
     before, during = load.window(0, t_swap), load.window(t_swap, t_end)
+    t_first = load.samples[0][0] if load.samples else t_swap - baseline_s
     result = {
         "failed_requests": sum(not ok for _, _, ok in load.samples), "requests": len(load.samples),
         "recommend_p99_before_ms": round(_p99(before), 2), "recommend_p99_during_ms": round(_p99(during), 2),
-        "recommend_p99_ratio_during_swap": round(_p99(during) / _p99(before), 3),
+        "recommend_p99_ratio_during_swap": round(_p99(during) / _p99(before), 3), "callers": callers,
         "reembed_items_per_s": report["reembed_items_per_s"], "raw_encoder_items_per_s": round(raw, 2),
         "reembed_vs_raw": round(report["reembed_items_per_s"] / raw, 3), "swap_total_s": report["swap_total_s"],
         "other_deployments_restarted": sum(before_ids[n] != after_ids.get(n) for n in others),
         "from": report["from"], "to": report["to"],
-        "timeline": [(t - load.samples[0][0], ms, ok) for t, ms, ok in load.samples],
-        "swap_window_s": (t_swap - load.samples[0][0], t_end - load.samples[0][0])}
+        "timeline": [(t - t_first, ms, ok) for t, ms, ok in load.samples],
+        "swap_window_s": (t_swap - t_first, t_end - t_first)}
     log(json.dumps({k: v for k, v in result.items() if k not in ("timeline",)}, indent=2))
     return result
 

@@ -134,11 +134,13 @@ def bench_retrieval(sizes: str = "10000,100000,1000000", out_dir: Path = RESULTS
 
 @bench_app.command("swap")
 def bench_swap(config: Path = CONFIG, items: int = typer.Option(10_000, help="Stored items with image content."),
-               users: int = 200, baseline_s: float = 20.0, out_dir: Path = RESULTS) -> None:
+               users: int = 200, baseline_s: float = 20.0,
+               callers: int = typer.Option(2, help="Closed-loop Recommend callers (0: the swap alone)."),
+               out_dir: Path = RESULTS) -> None:
     """Swap the image encoder (Lite0 -> Lite2) under a steady Recommend load: bench/results/swap.{json,png}."""
     from fusionrec.bench.swap import run_swap
 
-    run_swap(config, out_dir, n_items=items, n_users=users, baseline_s=baseline_s, log=typer.echo)
+    run_swap(config, out_dir, n_items=items, n_users=users, baseline_s=baseline_s, callers=callers, log=typer.echo)
 
 
 @bench_app.command("frontdoor")
