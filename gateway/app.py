@@ -37,7 +37,8 @@ class Gateway:
         self.config = AppConfig.model_validate(config)
         self.recommender = Recommender(encoders, fusion, retrieval, self.config.limits, self.config.server,
                                        serve.get_replica_context().app_name)
-        servicer = RecommenderServicer(self.recommender, self.config.server.default_deadline_ms)
+        servicer = RecommenderServicer(self.recommender, self.config.server.default_deadline_ms,
+                                       self.config.server.max_call_ms)
         self.server, self.port, self.health = await create_server(servicer, self.config.server)
         self._ready = asyncio.Event()
         self._loader = asyncio.ensure_future(self._become_ready())

@@ -25,6 +25,8 @@ class ServerConfig(_Strict):
                                                               "RESOURCE_EXHAUSTED; health and reflection not counted.")
     max_open_streams: int = Field(64, ge=1, description="Open Health.Watch (and reflection) streams per method.")
     health_interval_s: float = Field(2.0, gt=0, description="How often health re-checks the deployments behind it.")
+    max_call_ms: int = Field(120_000, ge=1, description="Longest any RPC runs when the caller sets no deadline (or a "
+                                                        "longer one); beyond it: DEADLINE_EXCEEDED, the work cancelled.")
     max_message_mb: int = Field(64, ge=1, description="Largest request accepted, in MiB.")
     default_deadline_ms: int = Field(5000, ge=1, description="Deadline applied when the caller sets none.")
     ranking_reserve_ms: int = Field(50, ge=0, description="Time kept back from encoders for retrieval and ranking.")

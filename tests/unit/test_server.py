@@ -273,3 +273,29 @@ def test_reflection_streams_pass_the_cap_wrapper():
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for reply in replies for s in reply.list_services_response.service}
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+
+
+class _Stuck(Recommender):
+    """A Recommender whose store never answers (a stuck or restarting replica)."""
+
+    def __init__(self) -> None:
+        super().__init__({}, None, None, LimitsConfig(), ServerConfig())
+
+    async def get(self, item_id: str):
+        await asyncio.sleep(3600)
+
+    async def delete(self, item_ids: list[str]):
+        await asyncio.sleep(3600)
+
+
+def test_every_rpc_runs_under_a_deadline_even_without_one_from_the_caller():
+    cfg = ServerConfig(port=0)
+    servicer = RecommenderServicer(_Stuck(), cfg.default_deadline_ms, max_call_ms=300)
+    with _serving(cfg, servicer) as (stub, _, _):
+        with pytest.raises(grpc.RpcError) as info:  # no deadline from the caller: the server's cap
+            stub.GetItem(pb.GetItemRequest(item_id="a"))
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "GetItem did not finish within 300 ms" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:  # a shorter caller deadline wins
+            stub.DeleteItems(pb.DeleteItemsRequest(item_ids=["a"]), timeout=0.1)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
