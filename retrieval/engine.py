@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fusionrec.core.errors import InvalidArgument, NotFound
+from fusionrec.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from fusionrec.fusion.base import FusionModel
 from fusionrec.retrieval.base import Candidate, FilterSpec, InteractionEvent, StoredItem, StoreSchema
 from fusionrec.retrieval.content import ContentStore
@@ -90,11 +90,9 @@ class RetrievalEngine:
                 raise ValueError(f"{len(contents)} contents for {len(items)} items")
             items = [replace(it, content={**(it.content or {}), **self.content.put_many(c)}) if c else it
                      for it, c in zip(items, contents)]
-        if shadow:  # a swap that committed meanwhile takes no more shadow vectors (the write below refuses)
-            active = self.swaps()
-            for modality, vectors in shadow.items():
-                if modality in active:
-                    self.put_shadow(modality, vectors)
+        for modality, vectors in (shadow or {}).items():  # a swap that committed meanwhile takes none:
+            with self._lock:                                # the write below refuses the old version then
+                self.store.put_shadow(modality, vectors)
         with self._lock:
             self.store.upsert(items)
         return len(items)
@@ -269,9 +267,11 @@ class RetrievalEngine:
                     if modality in it.modality_vectors and it.item_id not in have and (it.content or {}).get(modality)}
 
     def put_shadow(self, modality: str, vectors: dict[str, np.ndarray]) -> int:
-        """Store incoming-encoder vectors of ``modality`` by item id ((dim,) each)."""
+        """Store incoming-encoder vectors of ``modality`` by item id ((dim,) each); raises
+        FailedPrecondition when no swap of ``modality`` is filling (none, or it committed)."""
         with self._lock:
-            self.store.shadow(modality).put(vectors)
+            if not self.store.put_shadow(modality, vectors):
+                raise FailedPrecondition(f"no {modality} encoder swap is filling shadow vectors")
         return len(vectors)
 
     def commit_swap(self, modality: str, model: FusionModel, batch_size: int = 1000) -> int:

@@ -278,6 +278,17 @@ class MilvusStore(ItemStore):
             raise InvalidArgument(f"no {modality!r} modality in this store ({sorted(self.schema.modality_dims)})")
         return ShadowVectors(self._conn, self.items_collection, modality)
 
+    def put_shadow(self, modality: str, vectors: dict[str, np.ndarray]) -> bool:
+        """Write shadow vectors while ``modality``'s swap is filling; False (nothing written) once it has
+        committed or when none runs. Under the write lock, so a write never lands in a dropped shadow."""
+        shadow = self.shadow(modality)
+        with self._write_lock:
+            state = shadow.state()
+            if state is None or state["committed"]:
+                return False
+            shadow.put(vectors)
+        return True
+
     def commit_swap(self, modality: str, new_schema: StoreSchema, fn: ReindexFn, batch_size: int = 1000) -> int:
         """Serve ``modality``'s shadow vectors: every item holding it gets its shadow vector and a fused
         vector from ``fn`` (the fusion model refitted for them), switched to atomically as ``reindex``
