@@ -65,10 +65,16 @@ class Recommender:
         self.store_versions: dict[str, str] = {}  # of the stored vectors
         self.modality_dims: dict[str, int] = {}
         self.model_version = ""
+        self._load_lock = asyncio.Lock()
 
     async def load(self) -> None:
         """Wait until every deployment has loaded its model, and learn versions, dims and which
-        encoder serves each modality (gateway/routing.py)."""
+        encoder serves each modality (gateway/routing.py). One at a time: a refresh that read the store
+        before a switch must not finish after (and overwrite) one that read it after."""
+        async with self._load_lock:
+            await self._load()
+
+    async def _load(self) -> None:
         infos = await asyncio.gather(*(h.info.remote() for h in self.encoders.values()))
         store_info, swaps = await asyncio.gather(self.retrieval.info.remote(), self.retrieval.swaps.remote())
         own = {m: info["version"] for m, info in zip(self.encoders, infos)}
@@ -94,7 +100,7 @@ class Recommender:
         """deadline: absolute time.monotonic() by which the answer must be sent."""
         check_recommend(q, self.limits)
         stages = _Stages()
-        for _ in range(2):
+        for _ in range(3):  # a switch (re-index, encoder swap) met halfway: follow it and encode again
             query, versions, dropped = await self._encode_all(q, deadline)
             if q.query.by_modality:
                 stages.mark("encode")

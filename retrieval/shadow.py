@@ -48,12 +48,17 @@ class ShadowVectors:
     def state(self) -> dict[str, Any] | None:
         """{"version", "dim", "committed"} of the swap in progress, or None."""
         c = self.conn.client
-        if not c.has_collection(self.name):
+        try:
+            if not c.has_collection(self.name):
+                return None
+            props = c.describe_collection(self.name).get("properties") or {}
+            if PROP_SHADOW not in props:
+                return None
+            c.load_collection(self.name)  # released after a reopen; loading a loaded one is a no-op
+        except Exception:  # dropped meanwhile: a committing swap drops its shadow without the caller's lock
+            if c.has_collection(self.name):
+                raise
             return None
-        props = c.describe_collection(self.name).get("properties") or {}
-        if PROP_SHADOW not in props:
-            return None
-        c.load_collection(self.name)  # released after a reopen; loading a loaded one is a no-op
         return json.loads(props[PROP_SHADOW])
 
     def begin(self, version: str, dim: int) -> bool:
