@@ -24,5 +24,9 @@ for name in ("local.yaml", "gpu.yaml"):
         sys.exit(f"the wheel lacks deploy/{name}")
 if not (root / "v1" / "recommender.proto").is_file():
     sys.exit("the wheel lacks fusionrec/v1/recommender.proto")
+from fusionrec.client import proto_path  # noqa: E402  (what `fusionrec proto-path` prints)
+
+if "site-packages" not in proto_path().parts:
+    sys.exit(f"fusionrec.client.proto_path() is {proto_path()}, not the wheel's")
 packages = sorted({n for n in modules if importlib.import_module(n).__spec__.submodule_search_locations})
 print(f"wheel OK: {len(modules)} modules import from {root}; packages {packages}")

@@ -119,7 +119,7 @@ def _retrieval(sizes: tuple[int, ...], out_dir: Path) -> dict:
 def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int = 1000,
               levels: tuple[int, ...] = (1, 2, 4, 8, 16, 32), duration_s: float = 8.0,
               encode_items: dict[str, int] | None = None, retrieval_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
-              log: Log = print, progress: Progress | None = None) -> dict:
+              log: Log = print, progress: Progress | None = None, autoscale: bool = True) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     # ~5-8 s per timed pass: shorter ones (audio at 192 items: ~1.5 s) moved the ratio by +-0.3 run to run
     encode_items = encode_items or {"text": 1024, "image": 128, "audio": 576}
@@ -144,6 +144,8 @@ def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int 
             summary["memory"] = system_memory_mb()
             efficiency = encode.efficiency(running.target, app_cfg, inputs, encode_items, dims,
                                            running.info["encoder_versions"], log)
+            if autoscale:  # ~3 min: a load ramp on the same app, replicas min -> max -> min (bench/autoscale.py)
+                summary["autoscale"] = _autoscale(config, running, inputs, out_dir, log)
         finally:
             stop()
 
@@ -155,6 +157,17 @@ def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int 
         summary.update(_retrieval(retrieval_sizes, out_dir))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _autoscale(config: Path, running: Running, inputs: dict[str, list], out_dir: Path, log: Log) -> dict:
+    """bench/results/autoscale.{json,png} on the running app; summary.json gets its headline."""
+    from fusionrec.bench import autoscale
+    from fusionrec.gateway.runtime import render_config
+
+    bounds = autoscale.replica_bounds(render_config(config))
+    result = autoscale.measure(running.target, running.app_name, bounds, inputs, autoscale.AutoscalePlan(), log)
+    autoscale.write(result | {"config": str(config)}, out_dir)
+    return autoscale.headline(result)
 
 
 def retrieval_info(app_name: str) -> dict:

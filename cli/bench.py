@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 from tqdm import tqdm
@@ -53,13 +54,14 @@ def _bar(desc: str, total: int):
 def bench_all(config: Path = CONFIG, items: int = typer.Option(100_000, help="Synthetic catalog size."),
               users: int = 1000, levels: str = "1,2,4,8,16,32", duration_s: float = 8.0,
               retrieval_sizes: str = typer.Option("10000,100000,1000000", help="Empty to skip."),
+              autoscale: bool = typer.Option(True, help="Also the autoscaling ramp (~3 min, autoscale.{json,png})."),
               out_dir: Path = RESULTS) -> None:
     """Everything, side by side in one run (what `make bench` runs): bench/results/summary.json."""
     from fusionrec.bench.suite import run_suite
 
     summary = run_suite(config, out_dir, n_items=items, n_users=users, levels=tuple(_levels(levels)),
                         duration_s=duration_s, retrieval_sizes=tuple(_levels(retrieval_sizes)),
-                        log=typer.echo, progress=_bar)
+                        log=typer.echo, progress=_bar, autoscale=autoscale)
     keys = ("cold_start_s", "recommend_qps", "recommend_p99_ms", "recommend_knee", "floor_qps",
             "recommend_to_floor_qps", "encode_efficiency", "retrieval_recall_at_100", "retrieval_p99_ms")
     for key in keys:
@@ -130,6 +132,23 @@ def bench_retrieval(sizes: str = "10000,100000,1000000", out_dir: Path = RESULTS
     retrieval.run(sizes=tuple(_levels(sizes)), out_dir=out_dir)
 
 
+@bench_app.command("train")
+def bench_train(items: int = typer.Option(100_000, help="Synthetic catalog size."),
+                interactions: int = typer.Option(1_000_000, help="Synthetic interactions (users: 1 per 20)."),
+                epochs: int = 2, batch_users: int = 1024, negatives: int = 4096,
+                eval_users: int = typer.Option(2000, help="Users ranked for valid/test Recall@20."),
+                threads: int = typer.Option(0, help="torch/faiss threads (0: their default, every core)."),
+                export: bool = typer.Option(True, help="Also export the checkpoint and load it as a replica does."),
+                out_dir: Path = RESULTS) -> None:
+    """Train the fusion model on a synthetic catalog (no service): seconds per epoch, peak RSS -> train_scale.json."""
+    from fusionrec.bench.train_scale import run_train_scale
+
+    r = run_train_scale(items, interactions, out_dir, epochs=epochs, batch_users=batch_users, negatives=negatives,
+                        eval_users=eval_users, threads=threads, export=export, log=typer.echo)
+    for key in ("items", "interactions", "seconds_per_epoch", "graph_build_s", "cold_start_s", "peak_rss_gib",
+                "valid_recall@20", "mostpop_valid_recall@20", "export"):
+        typer.echo(f"{key:<24} {r.get(key)}")
+    typer.echo(f"wrote {out_dir / 'train_scale.json'}")
 
 
 @bench_app.command("swap")
@@ -141,6 +160,19 @@ def bench_swap(config: Path = CONFIG, items: int = typer.Option(10_000, help="St
     from fusionrec.bench.swap import run_swap
 
     run_swap(config, out_dir, n_items=items, n_users=users, baseline_s=baseline_s, callers=callers, log=typer.echo)
+
+
+@bench_app.command("autoscale")
+def bench_autoscale(config: Path = CONFIG, callers: int = typer.Option(8, help="Peak callers per query modality."),
+                    hold_s: float = 90.0, target: Optional[str] = typer.Option(
+                        None, "--target", "-t", help="A running service (default: start one on a fresh store)."),
+                    out_dir: Path = RESULTS) -> None:
+    """Ramp text/image/audio query load up and down; replicas per deployment over time: bench/results/autoscale.*"""
+    from fusionrec.bench.autoscale import AutoscalePlan, run_autoscale
+
+    result = run_autoscale(config, out_dir, AutoscalePlan(callers_per_modality=callers, hold_s=hold_s), target,
+                           log=typer.echo)
+    typer.echo(f"every autoscaled deployment went min -> max -> min: {result['went_min_max_min']}")
 
 
 @bench_app.command("frontdoor")

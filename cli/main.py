@@ -15,14 +15,16 @@ from tqdm import tqdm
 
 from fusionrec.core.paths import default_config, demo_dir, shared_path
 from fusionrec.v1 import recommender_pb2 as pb
-from fusionrec.cli.catalog import catalog_batches, interaction_to_pb, read_jsonl
-from fusionrec.cli.client import Client
-from fusionrec.gateway.convert import value_to_pb
+from fusionrec.cli.catalog import read_jsonl
+from fusionrec.client import Client, Range, ServiceError, filter_to_pb, proto_path
 
 app = typer.Typer(help="fusionrec: multimodal recommendation served over gRPC.", no_args_is_help=True)
 
 TARGET = typer.Option("127.0.0.1:9000", "--target", "-t", help="host:port of the fusionrec gRPC service.")
 TOKEN = typer.Option("", "--token", envvar="FUSIONREC_TOKEN", help="Auth token, if the server requires one.")
+TLS = typer.Option(False, "--tls", envvar="FUSIONREC_TLS", help="Connect with TLS (system roots unless --root-certs).")
+ROOT_CERTS = typer.Option(None, "--root-certs", envvar="FUSIONREC_ROOT_CERTS", exists=True, dir_okay=False,
+                          help="PEM root certificates to trust (implies --tls).")
 CONFIG = typer.Option(None, "--config", "-c", envvar="FUSIONREC_CONFIG", callback=lambda v: v or default_config(),
                       help="Serve config file (default: the packaged deploy/local.yaml).")
 RAY_ADDRESS = typer.Option(None, "--ray-address", help="Join an existing Ray cluster (default: start a local one).")
@@ -113,63 +115,88 @@ def _demo_loaded(client: Client, files) -> tuple[bool, bool]:
     return True, "history" in reply.modalities_used
 
 
+def _client(target: str, token: str, tls: bool = False, root_certs: Optional[Path] = None) -> Client:
+    return Client(target, token, tls=tls, root_certs_path=root_certs)
+
+
 def _ingest(catalog: Path, target: str, token: str, batch_size: int) -> int:
-    client = Client(target, token)
-    total = sum(1 for _ in read_jsonl(catalog))
-    done = 0
-    with tqdm(total=total, desc="ingest", unit="item") as bar:
-        for batch in catalog_batches(catalog, batch_size):
-            reply = client.stub.UpsertItems(pb.UpsertItemsRequest(items=batch), metadata=client.metadata, timeout=600)
-            done += reply.upserted
-            bar.update(len(batch))
-    return done
+    """Upsert a catalog (the demo's loader; `ingest` reports more). Returns the items upserted."""
+    from fusionrec.cli.ingest import load_catalog
+
+    with tqdm(desc="ingest", unit="item", disable=None) as bar:
+        report = load_catalog(_client(target, token), catalog, batch_size=batch_size, progress_factory=_sized(bar))
+    return report.upserted
 
 
 def _record(interactions: Path, target: str, token: str, batch_size: int = 1000) -> int:
-    client = Client(target, token)
-    rows = [interaction_to_pb(r) for r in read_jsonl(interactions)]
-    for i in range(0, len(rows), batch_size):
-        client.stub.RecordInteractions(pb.RecordInteractionsRequest(interactions=rows[i:i + batch_size]),
-                                       metadata=client.metadata, timeout=60)
-    return len(rows)
+    """Record every event (the demo's loader: it checked the store itself, so no progress file)."""
+    from fusionrec.cli.ingest import record_file
+
+    return record_file(_client(target, token), interactions, batch_size=batch_size, resume=False).recorded
+
+
+def _sized(bar: tqdm):
+    """A progress_factory for fusionrec.cli.ingest over a tqdm bar (on stderr; hidden when not a terminal)."""
+    def factory(total: int):
+        bar.total = total
+        bar.refresh()
+        return bar.update
+    return factory
+
+
+#: Bad rows printed one a line; beyond this only their count.
+MAX_BAD_ROWS_SHOWN = 20
+
+
+def _echo_bad(report) -> None:
+    for err in report.bad[:MAX_BAD_ROWS_SHOWN]:
+        typer.echo(str(err), err=True)
+    if len(report.bad) > MAX_BAD_ROWS_SHOWN:
+        typer.echo(f"... and {len(report.bad) - MAX_BAD_ROWS_SHOWN} more bad rows", err=True)
 
 
 @app.command()
-def ingest(catalog: Path = typer.Argument(..., exists=True, help="JSONL catalog: id, attributes, text, image, audio, vectors."),
-           interactions: Optional[Path] = typer.Option(None, exists=True, help="JSONL interactions to record after the items."),
-           target: str = TARGET, token: str = TOKEN, batch_size: int = typer.Option(32, min=1)) -> None:
-    """Upsert a JSONL catalog through the service in batches."""
+def ingest(catalog: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                          help="JSONL catalog: id, attributes, text, image, audio, vectors."),
+           interactions: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                                       help="JSONL interactions to record after the items."),
+           target: str = TARGET, token: str = TOKEN, tls: bool = TLS, root_certs: Optional[Path] = ROOT_CERTS,
+           batch_size: int = typer.Option(32, min=1, max=256, help="Items per UpsertItems call."),
+           skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip bad rows (each reported, then counted) "
+                                         "and exit 0; default: stop before sending anything and exit 1."),
+           resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip items already stored (GetItem) "
+                                       "and interactions a previous run recorded; --no-resume sends every row.")) -> None:
+    """Load a JSONL catalog through the service: rows checked first, batched upserts, safe to rerun."""
+    from fusionrec.cli.ingest import IngestStopped, load_catalog, record_file
+
+    client = _client(target, token, tls, root_certs)
     try:
-        n = _ingest(catalog, target, token, batch_size)
-        typer.echo(f"upserted {n} items")
+        with tqdm(desc="ingest", unit="item", disable=None) as bar:
+            report = load_catalog(client, catalog, batch_size=batch_size, skip_bad=skip_bad, resume=resume,
+                                  progress_factory=_sized(bar))
         if interactions:
-            typer.echo(f"recorded {_record(interactions, target, token)} interactions")
-    except grpc.RpcError as err:
+            record_file(client, interactions, skip_bad=skip_bad, resume=resume, report=report)
+    except IngestStopped as stop:
+        _echo_bad(stop.report)
+        done = ("nothing was sent" if stop.before_sending and not stop.report.upserted
+                else f"{stop.report.upserted} items upserted before it; a rerun resumes")
+        typer.echo(f"ingest stopped: {len(stop.report.bad)} bad rows; {done}. Fix them, or rerun with --skip-bad "
+                   "to load the rest.", err=True)
+        raise typer.Exit(1)
+    except ServiceError as err:
         raise typer.Exit(_report(err))
+    finally:
+        client.close()
+    _echo_bad(report)
+    typer.echo(f"upserted {report.upserted} items; {report.already_stored} already stored; "
+               f"{len(report.bad)} bad rows skipped")
+    if interactions:
+        typer.echo(f"recorded {report.recorded} interactions; {report.already_recorded} already recorded")
 
 
-def _report(err: grpc.RpcError) -> int:
-    typer.echo(f"error: {err.code().name}: {err.details()}", err=True)
+def _report(err: ServiceError) -> int:
+    typer.echo(f"error: {err}", err=True)
     return 1
-
-
-def _parse_filter(spec: str) -> pb.Filter:
-    """attr=value | attr=a|b|c (set) | attr>=x | attr<=x | attr=lo..hi (range)."""
-    for op in (">=", "<="):
-        if op in spec:
-            name, value = spec.split(op, 1)
-            bound = {"min" if op == ">=" else "max": float(value)}
-            return pb.Filter(attribute=name, range=pb.NumericRange(**bound))
-    name, sep, value = spec.partition("=")
-    if not sep:
-        raise typer.BadParameter(f"filter {spec!r}: use attr=value, attr=a|b, attr>=x, attr<=x or attr=lo..hi")
-    if ".." in value:
-        lo, hi = value.split("..", 1)
-        return pb.Filter(attribute=name, range=pb.NumericRange(min=float(lo), max=float(hi)))
-    values = [value_to_pb(_scalar(v)) for v in value.split("|")]
-    if len(values) > 1:
-        return pb.Filter(attribute=name, in_set=pb.ValueSet(values=values))
-    return pb.Filter(attribute=name, equals=values[0])
 
 
 def _scalar(text: str):
@@ -181,6 +208,27 @@ def _scalar(text: str):
         return text
 
 
+def _parse_filter(spec: str) -> pb.Filter:
+    """attr=value | attr=a|b|c (set) | attr>=x | attr<=x | attr=lo..hi (range)."""
+    try:
+        for op in (">=", "<="):
+            if op in spec:
+                name, value = spec.split(op, 1)
+                bound = Range(min=float(value)) if op == ">=" else Range(max=float(value))
+                return filter_to_pb(name, bound)
+        name, sep, value = spec.partition("=")
+        if not sep:
+            raise ValueError("no operator")
+        if ".." in value:
+            lo, hi = value.split("..", 1)
+            return filter_to_pb(name, (float(lo), float(hi)))
+        values = [_scalar(v) for v in value.split("|")]
+        return filter_to_pb(name, set(values) if len(values) > 1 else values[0])
+    except (ValueError, TypeError) as err:
+        raise typer.BadParameter(f"filter {spec!r}: {err}; use attr=value, attr=a|b, attr>=x, attr<=x or "
+                                 "attr=lo..hi") from None
+
+
 @app.command()
 def recommend(user: str = typer.Option("", "--user", "-u"), k: int = typer.Option(10, "-k"),
               text: str = typer.Option("", help="Query text."),
@@ -190,18 +238,17 @@ def recommend(user: str = typer.Option("", "--user", "-u"), k: int = typer.Optio
               filter: list[str] = typer.Option([], "--filter", "-f", help="attr=value, attr=a|b, attr>=x, attr<=x, attr=lo..hi"),
               exclude: list[str] = typer.Option([], help="Item ids to leave out."),
               deadline_ms: int = typer.Option(5000), timings: bool = typer.Option(False, help="Show per-stage timings."),
-              as_json: bool = typer.Option(False, "--json"), target: str = TARGET, token: str = TOKEN) -> None:
+              as_json: bool = typer.Option(False, "--json"), target: str = TARGET, token: str = TOKEN,
+              tls: bool = TLS, root_certs: Optional[Path] = ROOT_CERTS) -> None:
     """Call Recommend and print the ranked items."""
-    request = pb.RecommendRequest(
-        user_id=user, k=k, history_item_ids=history, exclude_item_ids=exclude, debug_timings=timings,
-        filters=[_parse_filter(f) for f in filter],
-        query=pb.Content(text=text, image=image.read_bytes() if image else b"",
-                         audio=audio.read_bytes() if audio else b""))
-    client = Client(target, token)
-    try:
-        reply = client.stub.Recommend(request, timeout=deadline_ms / 1000, metadata=client.metadata)
-    except grpc.RpcError as err:
-        raise typer.Exit(_report(err))
+    filters = [_parse_filter(f) for f in filter]
+    with _client(target, token, tls, root_certs) as client:
+        try:
+            reply = client.recommend(user, k=k, text=text, image=image, audio=audio, history=history,
+                                     filters=filters, exclude=exclude, timings=timings,
+                                     timeout_s=deadline_ms / 1000)
+        except ServiceError as err:
+            raise typer.Exit(_report(err))
     if as_json:
         from google.protobuf.json_format import MessageToDict
         typer.echo(json.dumps(MessageToDict(reply), indent=2))
@@ -217,16 +264,26 @@ def recommend(user: str = typer.Option("", "--user", "-u"), k: int = typer.Optio
 
 
 @app.command()
-def status(target: str = TARGET, token: str = TOKEN, ray_address: str = typer.Option("auto", "--ray-address"),
-           app_name: str = "fusionrec") -> None:
+def status(target: str = TARGET, token: str = TOKEN, tls: bool = TLS, root_certs: Optional[Path] = ROOT_CERTS,
+           ray_address: str = typer.Option("auto", "--ray-address"), app_name: str = "fusionrec") -> None:
     """Health, deployments, replicas and item count; exits 0 only while health is SERVING."""
-    serving = Client(target, token).serving()
+    with _client(target, token, tls, root_certs) as client:
+        serving = client.serving()
     typer.echo(f"health {target}: {'SERVING' if serving else 'NOT SERVING'}")
     try:
         _print_deployments(ray_address, app_name)
     except Exception as err:  # the cluster may be unreachable from here; health still decides
         typer.echo(f"deployments: unavailable ({type(err).__name__}: {err})")
     raise typer.Exit(0 if serving else 1)
+
+
+@app.command("proto-path")
+def proto_path_command(include_root: bool = typer.Option(False, "--include-root",
+                                                         help="Print the folder to pass to protoc -I instead.")) -> None:
+    """Where the installed recommender.proto is, to generate clients in other languages:
+    protoc -I "$(fusionrec proto-path --include-root)" ... fusionrec/v1/recommender.proto"""
+    path = proto_path()
+    typer.echo(path.parents[2] if include_root else path)
 
 
 @app.command()
@@ -272,10 +329,12 @@ def _print_deployments(ray_address: str, app_name: str) -> None:
 
 from fusionrec.cli.bench import bench_app  # noqa: E402  (commands register on import)
 from fusionrec.cli.encoders import encoders_app  # noqa: E402
+from fusionrec.cli.deploy import deploy_app  # noqa: E402
 from fusionrec.cli.quality import demo_training, evaluate, train  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
 app.add_typer(encoders_app, name="encoders")
+app.add_typer(deploy_app, name="deploy")
 app.command()(train)
 app.command()(evaluate)
 

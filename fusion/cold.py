@@ -15,6 +15,10 @@ import numpy as np
 import torch
 
 
+#: Similarities computed at once when matching cold items (~64 MiB of float32).
+NEIGHBOUR_BLOCK_ENTRIES = 1 << 24
+
+
 def centred_units(features: dict[str, np.ndarray], means: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Per modality (in ``means`` order): (n, d_m) float32 rows minus the mean, L2-normalised."""
     parts = []
@@ -47,9 +51,14 @@ def neighbours(query: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray,
         to 1 (a row with no positive cosine has all-zero weights and borrows nothing).
     """
     k = min(k, len(keys))
-    sim = query @ keys.T
-    idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-    w = np.take_along_axis(sim, idx, 1).clip(min=0.0)
+    # A block of queries at a time: memory ~ block x warm items, never cold x warm at once.
+    step = max(1, NEIGHBOUR_BLOCK_ENTRIES // max(len(keys), 1))
+    idx = np.zeros((len(query), k), dtype=np.int64)
+    w = np.zeros((len(query), k), dtype=np.float32)
+    for a in range(0, len(query), step):
+        sim = query[a:a + step] @ keys.T
+        idx[a:a + step] = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        w[a:a + step] = np.take_along_axis(sim, idx[a:a + step], 1).clip(min=0.0)
     total = w.sum(1, keepdims=True)
     w = np.divide(w, total, out=np.zeros_like(w), where=total > 0)
     return idx.astype(np.int64), w.astype(np.float32)

@@ -51,7 +51,12 @@ class ItemTower(nn.Module):
 
     def normalise(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         """(n, d_m) raw encoder vectors -> centred, unit rows."""
-        return F.normalize(x - getattr(self, f"mean_{modality}"), dim=-1)
+        x = x - getattr(self, f"mean_{modality}")  # a new tensor: the caller's vectors are never written
+        if x.requires_grad:
+            return F.normalize(x, dim=-1)
+        # In place, as F.normalize computes it: one (n, d_m) temporary fewer (a large training batch's image
+        # vectors alone are ~90 MB).
+        return x.div_(x.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
     def forward(self, feats: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
                 item_idx: torch.Tensor | None = None, id_present: torch.Tensor | None = None) -> torch.Tensor:

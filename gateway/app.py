@@ -19,8 +19,12 @@ from fusionrec.gateway.config import AppConfig, EncoderUserConfig, FusionConfig,
 from fusionrec.gateway.deployments import EncoderDeployment, FusionDeployment, RetrievalDeployment, settle_heap
 from fusionrec.gateway.pipeline import Recommender
 from fusionrec.gateway.health import watch_deployments
+from fusionrec.gateway.metrics import NO_METRICS, Metrics, serve_metrics
+from fusionrec.gateway.metrics_cluster import ClusterCollector, handle_puller
+from fusionrec.gateway.requestlog import serve_log_file, write_to
 from fusionrec.gateway.server import create_server, set_serving
 from fusionrec.gateway.service import RecommenderServicer
+from fusionrec.gateway.tracing import Tracing
 
 log = logging.getLogger("ray.serve")  # lands in the replica log files
 
@@ -35,11 +39,18 @@ class Gateway:
     async def __init__(self, config: dict, encoders: dict[str, DeploymentHandle], fusion: DeploymentHandle,
                        retrieval: DeploymentHandle) -> None:
         self.config = AppConfig.model_validate(config)
+        self.metrics = Metrics() if self.config.server.metrics_enabled else None
         self.recommender = Recommender(encoders, fusion, retrieval, self.config.limits, self.config.server,
-                                       serve.get_replica_context().app_name)
+                                       serve.get_replica_context().app_name, self.metrics or NO_METRICS)
         servicer = RecommenderServicer(self.recommender, self.config.server.default_deadline_ms,
                                        self.config.server.max_call_ms)
-        self.server, self.port, self.health = await create_server(servicer, self.config.server)
+        log_file = serve_log_file()
+        if log_file:  # one JSON access line per RPC, in this replica's own log file (gateway/requestlog.py)
+            write_to(log_file)
+        self.tracing = Tracing.from_config(self.config.server)  # OTLP export when server.otlp_endpoint is set
+        self.server, self.port, self.health = await create_server(servicer, self.config.server, self.metrics,
+                                                                  tracing=self.tracing)
+        self.metrics_endpoint = self._serve_metrics(encoders, fusion, retrieval)
         self._ready = asyncio.Event()
         self._loader = asyncio.ensure_future(self._become_ready())
         # Health follows the deployments behind it (NOT_SERVING while one has no live replica).
@@ -47,6 +58,17 @@ class Gateway:
                                          self.config.server.health_interval_s)
         self.watcher.start()
         log.info("fusionrec gRPC listening on %s:%d", self.config.server.host, self.port)
+
+    def _serve_metrics(self, encoders: dict[str, DeploymentHandle], fusion: DeploymentHandle,
+                       retrieval: DeploymentHandle):
+        """The one /metrics endpoint: the front door's families plus what the other replicas report."""
+        cfg = self.config.server
+        if self.metrics is None:
+            return None
+        self.metrics.registry.register(ClusterCollector(
+            handle_puller(encoders, fusion, retrieval), asyncio.get_running_loop(), cfg.metrics_refresh_s,
+            cfg.metrics_wait_ms / 1000))
+        return serve_metrics(self.metrics.registry, cfg.metrics_host, cfg.metrics_port)
 
     async def _become_ready(self) -> None:
         await self.recommender.load()
@@ -59,6 +81,7 @@ class Gateway:
         """Blocks until every model is loaded; returns where the gRPC server listens."""
         await self._ready.wait()
         return {"host": self.config.server.host, "port": self.port,
+                "metrics_port": self.metrics_endpoint.port if self.metrics_endpoint else None,
                 "encoder_versions": self.recommender.encoder_versions,
                 "model_version": self.recommender.model_version}
 
@@ -70,6 +93,9 @@ class Gateway:
         await self.watcher.stop()
         await set_serving(self.health, False)
         await self.server.stop(self.config.server.grace_period_s)
+        self.tracing.shutdown()  # export the spans still buffered
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.stop()
 
 
 #: Code defaults of every deployment's options. A Serve config's `deployments:` list overrides any of

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,10 +18,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
 class ServerConfig(_Strict):
     host: str = Field("127.0.0.1", description="Interface the gRPC front door binds; keep loopback unless fronted by a proxy.")
     port: int = Field(9000, ge=0, le=65535, description="gRPC port (0 picks a free one).")
     auth_token: str = Field("", description="If set, callers must send `authorization: Bearer <token>`.")
+    auth_token_env: str = Field("", description="Name of an environment variable holding the token instead (keeps "
+                                                "the secret out of the Serve config; e.g. a Kubernetes Secret).")
+    tls_cert_file: str = Field("", description="PEM certificate chain: with tls_key_file, the front door speaks TLS.")
+    tls_key_file: str = Field("", description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: str = Field("", description="PEM CA bundle: if set, callers must present a client "
+                                                    "certificate it signed (mutual TLS).")
+    allow_insecure_bind: bool = Field(False, description="Allow binding a non-loopback host without TLS and a "
+                                                         "token (a private network, TLS ended by a mesh or proxy).")
+    max_connection_age_s: float = Field(300.0, ge=0, description="Connections are closed (GOAWAY, in-flight RPCs "
+                                                                 "finish) after this long, so load balancers can "
+                                                                 "spread clients over Gateway replicas; 0 = never.")
+    keepalive_time_s: float = Field(60.0, gt=0, description="Server pings idle connections this often, so dead "
+                                                            "peers free their slots.")
     max_inflight_requests: int = Field(256, ge=1, description="Concurrent API RPCs beyond which the gateway answers "
                                                               "RESOURCE_EXHAUSTED; health and reflection not counted.")
     max_open_streams: int = Field(64, ge=1, description="Open Health.Watch (and reflection) streams per method.")
@@ -31,6 +48,48 @@ class ServerConfig(_Strict):
     default_deadline_ms: int = Field(5000, ge=1, description="Deadline applied when the caller sets none.")
     ranking_reserve_ms: int = Field(50, ge=0, description="Time kept back from encoders for retrieval and ranking.")
     grace_period_s: float = Field(5.0, ge=0, description="In-flight RPCs get this long to finish on shutdown.")
+    metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at http://<metrics_host>:<metrics_port>"
+                                                    "/metrics from the Gateway replica (gateway/metrics.py).")
+    metrics_host: str = Field("127.0.0.1", description="Interface the metrics endpoint binds.")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Metrics port (0 picks a free one; the bound one "
+                                                                "is in the Gateway's ready() answer).")
+    metrics_refresh_s: float = Field(5.0, gt=0, description="Stats pulled from the other replicas (encoder "
+                                                            "batches, store size, progress) are reused this long.")
+    metrics_wait_ms: int = Field(1000, ge=0, description="Longest a scrape waits for fresh replica stats before "
+                                                         "answering with the last ones pulled.")
+    access_log_sample_rate: float = Field(
+        1.0, ge=0, le=1, description="Share of successful, non-degraded API RPCs given a JSON line on the "
+                                     "`fusionrec.access` logger; failed and degraded ones are always logged.")
+    otlp_endpoint: str = Field("", description="OTLP/gRPC collector for traces (e.g. http://127.0.0.1:4317; "
+                                               "https:// for TLS); empty: no exporter of our own (gateway/tracing.py).")
+    trace_sample_rate: float = Field(1.0, ge=0, le=1, description="Share of new traces recorded when otlp_endpoint "
+                                                                  "is set; a caller's sampled traceparent is followed.")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> "ServerConfig":
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("server.tls_cert_file and server.tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("server.tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.auth_token and self.auth_token_env:
+            raise ValueError("set server.auth_token or server.auth_token_env, not both")
+        exposed = self.host not in LOOPBACK_HOSTS or self.metrics_host not in LOOPBACK_HOSTS
+        if exposed and not self.allow_insecure_bind and not (
+                self.tls_cert_file and (self.auth_token or self.auth_token_env)):
+            raise ValueError(f"server.host {self.host!r} / metrics_host {self.metrics_host!r} reach beyond "
+                             "loopback: set tls_cert_file + tls_key_file and auth_token_env (or auth_token), or "
+                             "allow_insecure_bind: true on a private network")
+        return self
+
+    def token(self) -> str:
+        """The bearer token callers must send ('' = none); from auth_token_env when named, which must be set."""
+        if not self.auth_token_env:
+            return self.auth_token
+        value = os.environ.get(self.auth_token_env, "")
+        if not value:
+            raise ValueError(f"server.auth_token_env names {self.auth_token_env!r}, which is unset or empty in the "
+                             "Gateway's environment (set it in runtime_env.env_vars or the pod's env)")
+        return value
 
 
 class LimitsConfig(_Strict):
@@ -79,9 +138,20 @@ class StoreConfig(_Strict):
     token: str = Field("", description="Milvus server token (user:password), if any.")
     items_collection: str = Field("items")
     interactions_collection: str = Field("interactions")
-    search_backend: Literal["memory", "milvus"] = Field(
-        "memory", description="memory: HNSW + exact filtered search in the Retrieval replica, kept in step with "
-                              "Milvus (the system of record); milvus: search Milvus itself.")
+    search_backend: Literal["auto", "memory", "milvus"] = Field(
+        "auto", description="memory: HNSW + exact filtered search in the Retrieval replica, kept in step with "
+                            "Milvus (the system of record; Milvus Lite only); milvus: search Milvus itself; auto: "
+                            "memory on a Lite file, milvus on a server (where Retrieval replicas share the data).")
+    consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = Field(
+        "Strong", description="Server only: consistency of every read. Strong: a read sees every write acknowledged "
+                              "before it by any replica (waits for the server's next time tick); Bounded: at most "
+                              "the server's gracefulTime (5 s) stale; Session: this replica's own writes.")
+    state_ttl_s: float = Field(
+        1.0, gt=0, description="Server only: a replica notices another's re-index or encoder swap within this long "
+                               "(at once when a request names the new model).")
+    popularity_ttl_s: float = Field(
+        5.0, ge=0, description="Server only: interaction counts (popular items for cold users) are recounted from "
+                               "the server at most this often.")
     index_params: dict[str, int] = Field(
         default_factory=dict, description="In-memory index knobs: m, ef_construction, ef_search, ef_max, exact_max_rows.")
     flush_every_rows: int | None = Field(
@@ -97,6 +167,13 @@ class StoreConfig(_Strict):
     @property
     def is_lite(self) -> bool:
         return not self.uri or self.uri.endswith(".db")
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> "StoreConfig":
+        if self.search_backend == "memory" and not self.is_lite:
+            raise ValueError("store.search_backend 'memory' needs a Milvus Lite file (one owner process); with a "
+                             "server the Retrieval replicas share the data and search it there: use 'auto' or 'milvus'")
+        return self
 
     def resolved(self) -> "StoreConfig":
         """Local paths made absolute (replicas do not share the caller's working folder), defaults

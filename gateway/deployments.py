@@ -17,11 +17,13 @@ from fusionrec.encoders.base import InvalidContent
 from fusionrec.encoders.registry import get_encoder
 from fusionrec.fusion.registry import get_fusion_model
 from fusionrec.gateway.config import EncoderConfig, EncoderUserConfig, FusionConfig, StoreConfig
+from fusionrec.gateway.metrics_cluster import EncoderLoad, StoreProgress
 from fusionrec.core.errors import FailedPrecondition
 from fusionrec.retrieval.base import InteractionEvent, StoredItem, StoreSchema
 from fusionrec.retrieval.content import open_content_store
 from fusionrec.retrieval.engine import RetrievalEngine
 from fusionrec.retrieval.query import Ranked, RecommendQuery
+from fusionrec.retrieval.server_items import ServerOptions
 
 log = logging.getLogger("ray.serve")  # lands in the replica log files
 
@@ -49,6 +51,7 @@ class EncoderDeployment:
         self.configured = EncoderConfig.model_validate(config)  # the app args' choice
         self.current = self.configured  # what runs now: user_config's `encoder` replaces it
         self.encoder = self._load(self.current)
+        self.load = EncoderLoad()  # batch sizes and queue depth, for the Gateway's /metrics
 
     def _load(self, cfg: EncoderConfig):
         encoder = get_encoder(cfg.name, **cfg.options)
@@ -77,9 +80,14 @@ class EncoderDeployment:
         e = self.encoder
         return {"name": e.name, "version": e.version, "modality": e.modality, "dim": e.dim}
 
+    def stats(self) -> dict[str, Any]:
+        """This replica's batch sizes and queue depth (gateway/metrics_cluster.py)."""
+        return self.load.snapshot(serve.get_replica_context().replica_id.unique_id, self.modality)
+
     async def encode(self, content: str | bytes) -> np.ndarray:
         """One input -> (dim,) float32 unit vector; raises InvalidContent for bad input."""
-        result = await self._encode_batch(content)
+        with self.load.waiting(1):
+            result = await self._encode_batch(content)
         if isinstance(result, Exception):
             raise result
         return result
@@ -89,10 +97,12 @@ class EncoderDeployment:
 
         Returns per input a (dim,) vector or the InvalidContent it raised.
         """
-        return list(await asyncio.gather(*(self._encode_batch(c) for c in contents)))
+        with self.load.waiting(len(contents)):
+            return list(await asyncio.gather(*(self._encode_batch(c) for c in contents)))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, contents: list[str | bytes]) -> list[np.ndarray | InvalidContent]:
+        self.load.batch(len(contents))
         # Off the event loop, so the next batch queues up while this one runs.
         return await asyncio.to_thread(self._encode_isolated, contents)
 
@@ -171,7 +181,8 @@ class FusionDeployment:
 
 @serve.deployment
 class RetrievalDeployment:
-    """The only owner of the Milvus data: serves a RetrievalEngine (retrieval/engine.py).
+    """Serves a RetrievalEngine (retrieval/engine.py): the one owner of a Milvus Lite file, or one of
+    the replicas sharing a Milvus server (each follows the others' re-indexes and swaps).
 
     Learns dims and versions from the encoder and Fusion deployments, scores with a copy of the
     fusion model pulled from Fusion (which owns loading and hot-swapping), and keeps the heap
@@ -190,8 +201,11 @@ class RetrievalDeployment:
             RetrievalEngine.open, cfg.uri, schema, token=cfg.token, items_collection=cfg.items_collection,
             interactions_collection=cfg.interactions_collection, search_backend=cfg.search_backend,
             index_params=cfg.index_params, flush_every_rows=cfg.flush_every_rows,
-            content=open_content_store(cfg.content_uri) if cfg.retain_content else None)
+            content=open_content_store(cfg.content_uri) if cfg.retain_content else None,
+            server=ServerOptions(consistency_level=cfg.consistency_level, state_ttl_s=cfg.state_ttl_s,
+                                 popularity_ttl_s=cfg.popularity_ttl_s))
         self._models: dict[str, Any] = {}
+        self.progress = StoreProgress()  # re-index and swap progress, for the Gateway's /metrics
         self._unsettled = 0  # items written since the last settle_heap()
         self._settle_lock = threading.Lock()
         if self.schema.model_version != fusion_info["version"]:
@@ -208,6 +222,7 @@ class RetrievalDeployment:
         return self.engine.schema
 
     def info(self) -> dict[str, Any]:
+        self.engine.sync(force=True)  # on a server: another replica's re-index or swap shows at once (~1 ms)
         return asdict(self.schema)
 
     def check_health(self) -> None:
@@ -215,6 +230,14 @@ class RetrievalDeployment:
 
     def count(self) -> int:
         return self.engine.count()
+
+    async def stats(self) -> dict[str, Any]:
+        """Items, index size, fused-vector model, re-index and swap progress (gateway/metrics_cluster.py)."""
+        items, swaps = await asyncio.gather(asyncio.to_thread(self.engine.count), asyncio.to_thread(self.engine.swaps))
+        for modality in set(swaps) - set(self.progress.swaps):  # begun before this replica started: count once
+            self.progress.swap_status(await asyncio.to_thread(self.engine.swap_status, modality))
+        return {"items": items, "index_bytes": self.engine.store.memory_bytes(),
+                "model_version": self.schema.model_version, "progress": self.progress.snapshot(swaps)}
 
     def upsert(self, items: list[StoredItem], contents: list[dict[str, str | bytes]] | None = None,
                shadow: dict[str, dict[str, np.ndarray]] | None = None) -> int:
@@ -256,8 +279,12 @@ class RetrievalDeployment:
         encoder version than the store's (a swap committed meanwhile); the caller refreshes and retries.
         """
         if model_version != self.schema.model_version:
-            return None
+            self.engine.sync(force=True)  # another replica may have switched the shared store
+            if model_version != self.schema.model_version:
+                return None
         model = await self._scoring_model(model_version)
+        if self.engine.store.shared:  # server reads wait on the network: let other requests run meanwhile
+            return await asyncio.to_thread(self.engine.recommend, q, query, model, history_limit, query_versions)
         return self.engine.recommend(q, query, model, history_limit, query_versions)
 
     async def _scoring_model(self, version: str):
@@ -269,11 +296,15 @@ class RetrievalDeployment:
         """Recompute every fused vector with fusion model `version` (default: the newest loaded)
         from the stored modality vectors, then switch the store to it atomically."""
         info = await self.fusion.info.remote(version)
+        await asyncio.to_thread(self.engine.sync, True)  # another replica may have re-indexed already
         if info["version"] == self.schema.model_version:
             return {"model_version": info["version"], "items": 0, "changed": False}
         model = await self.fusion.model.remote(info["version"])
-        # In a worker thread: searches keep reading the old vectors until the store switches.
-        n = await asyncio.to_thread(self.engine.reindex, model, batch_size)
+        model = self.progress.reindexing("reindex", await asyncio.to_thread(self.engine.count), model)
+        try:  # in a worker thread: searches keep reading the old vectors until the store switches
+            n = await asyncio.to_thread(self.engine.reindex, model, batch_size)
+        finally:
+            self.progress.reindex_finished()
         settle_heap()
         return {"model_version": info["version"], "items": n, "changed": True}
 
@@ -286,10 +317,14 @@ class RetrievalDeployment:
         return self.engine.swaps()
 
     async def begin_swap(self, modality: str, version: str, dim: int) -> dict[str, Any]:
-        return await asyncio.to_thread(self.engine.begin_swap, modality, version, dim)
+        status = await asyncio.to_thread(self.engine.begin_swap, modality, version, dim)
+        self.progress.swap_status(status)
+        return status
 
     async def swap_status(self, modality: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.engine.swap_status, modality)
+        status = await asyncio.to_thread(self.engine.swap_status, modality)
+        self.progress.swap_status(status)
+        return status
 
     async def swap_todo(self, modality: str) -> dict[str, str]:
         return await asyncio.to_thread(self.engine.swap_todo, modality)
@@ -298,12 +333,18 @@ class RetrievalDeployment:
         return await asyncio.to_thread(self.engine.read_digests, digests)
 
     def put_shadow(self, modality: str, vectors: dict[str, np.ndarray]) -> int:
-        return self.engine.put_shadow(modality, vectors)
+        n = self.engine.put_shadow(modality, vectors)
+        self.progress.shadow_written(modality, n)
+        return n
 
     async def commit_swap(self, modality: str, model_version: str, batch_size: int = 1000) -> dict[str, Any]:
         """Switch ``modality`` to its shadow vectors, fused with loaded fusion model ``model_version``."""
         model = await self.fusion.model.remote(model_version)
-        n = await asyncio.to_thread(self.engine.commit_swap, modality, model, batch_size)
+        model = self.progress.reindexing("swap_commit", await asyncio.to_thread(self.engine.count), model)
+        try:
+            n = await asyncio.to_thread(self.engine.commit_swap, modality, model, batch_size)
+        finally:
+            self.progress.reindex_finished()
         settle_heap()
         return {"model_version": model.version, "items": n, "encoder_versions": dict(self.schema.encoder_versions)}
 

@@ -101,10 +101,10 @@ def live_replicas(status: Any, app_name: str, deployment_name: str) -> int:
     return sum(n for state, n in deployment.replica_states.items() if str(getattr(state, "value", state)) in LIVE_STATES)
 
 
-def deployment_probe(targets: Iterable[tuple[str, str]]) -> Probe:
+def deployment_probe(targets: Iterable[tuple[str, str]], read_status: Callable[[], Any] | None = None) -> Probe:
     """A probe over (app name, deployment name) pairs through Serve's public `serve.status()`: names those
     without a live replica. A killed replica is seen at the controller's next health check of it
-    (`health_check_period_s`, 10 s by default)."""
+    (`health_check_period_s`, 10 s by default). ``read_status``: what to call instead of serve.status."""
     targets = sorted(set(targets))
     pending: asyncio.Future | None = None
 
@@ -114,7 +114,7 @@ def deployment_probe(targets: Iterable[tuple[str, str]]) -> Probe:
         from ray import serve
 
         if pending is None or pending.done():
-            pending = asyncio.ensure_future(asyncio.to_thread(serve.status))
+            pending = asyncio.ensure_future(asyncio.to_thread(read_status or serve.status))
         status = await asyncio.shield(pending)
         return [name for app, name in targets if live_replicas(status, app, name) < 1]
 

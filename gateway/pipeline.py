@@ -8,17 +8,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from typing import Any
 
 import numpy as np
 
 from fusionrec.encoders.base import InvalidContent
+from fusionrec.gateway import tracing
 from fusionrec.gateway.config import LimitsConfig, ServerConfig
+from fusionrec.gateway.metrics import NO_METRICS, Metrics, NoMetrics, timed
 from fusionrec.gateway.domain import (InteractionEvent, ItemInput, ItemView, Ranked, Recommendation,
                             RecommendQuery, ScoredItem)
 from fusionrec.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from fusionrec.retrieval.base import SchemaMismatch, StoredItem
+from fusionrec.gateway.requestlog import current_request_id
 from fusionrec.gateway.routing import EncoderRoutes
 from fusionrec.gateway.validation import check_id, check_interactions, check_items, check_recommend
 
@@ -54,8 +56,10 @@ class Recommender:
     """The fusionrec service logic over handles to the encoder, fusion and retrieval deployments."""
 
     def __init__(self, encoders: dict[str, Any], fusion: Any, retrieval: Any,
-                 limits: LimitsConfig, server: ServerConfig, app_name: str = "fusionrec") -> None:
+                 limits: LimitsConfig, server: ServerConfig, app_name: str = "fusionrec",
+                 metrics: Metrics | NoMetrics = NO_METRICS) -> None:
         self.encoders = encoders
+        self.metrics = metrics  # stage latencies, dropped modalities (gateway/metrics.py)
         self.routes = EncoderRoutes(encoders, app_name)
         self.fusion = fusion
         self.retrieval = retrieval
@@ -106,21 +110,24 @@ class Recommender:
                 stages.mark("encode")
             self._check_deadline(deadline, "retrieval")
             # Nothing personal to go on (no history; no query, or none encoded in time): popular items.
-            ranked = await self.retrieval.recommend.remote(q, query, self.model_version, self.limits.max_history,
-                                                           versions)
+            with tracing.stage("retrieve_and_rank"):  # history, user tower, search, attribution: one hop
+                ranked = await self.retrieval.recommend.remote(q, query, self.model_version,
+                                                               self.limits.max_history, versions)
             if ranked is not None:
                 break
             await self.load()  # re-indexed, or an encoder swap committed, meanwhile: follow it, once
         if ranked is None:
             self._raise_stale(versions)
         stages.mark("retrieve_and_rank")
+        self.metrics.observe_stages("Recommend", stages.ms)
+        self.metrics.observe_dropped(dropped)
         items = [ScoredItem(item_id=c.item_id, score=float(score),
                             contributions={m: float(v[i]) for m, v in ranked.contributions.items()},
                             attributes=c.attributes)
                  for i, (c, score) in enumerate(zip(ranked.candidates, ranked.scores))]
         items.sort(key=lambda it: -it.score)
         return Recommendation(
-            items=items, request_id=uuid.uuid4().hex,
+            items=items, request_id=current_request_id(),
             modalities_used=_basis(ranked) + sorted(query),
             modalities_dropped=dropped, model_version=self.model_version,
             encoder_versions=dict(self.encoder_versions),
@@ -130,7 +137,9 @@ class Recommender:
                           ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
         """Every query modality concurrently: (vectors, their encoder versions, dropped -> why)."""
         versions = {m: self.routes.versions.get(m, "") for m in q.query.by_modality}
-        results = await asyncio.gather(*(self._encode_query(m, c, deadline) for m, c in q.query.by_modality.items()))
+        results = await asyncio.gather(*(timed(self.metrics, "Recommend", f"encode_{m}",
+                                               self._encode_query(m, c, deadline))
+                                         for m, c in q.query.by_modality.items()))
         results = dict(zip(q.query.by_modality, results))
         query = {m: vec for m, (vec, _) in results.items() if vec is not None}
         dropped = {m: why for m, (vec, why) in results.items() if vec is None}
@@ -153,6 +162,13 @@ class Recommender:
         timeout_s = deadline - time.monotonic() - self.reserve_s
         if timeout_s <= 0:
             return None, "deadline reached before encoding"
+        with tracing.stage(f"encode.{modality}", timeout_ms=round(timeout_s * 1000)) as span:
+            vec, why = await self._call_encoder(modality, content, timeout_s)
+            if why:
+                span.set_attribute("fusionrec.dropped", why)
+            return vec, why
+
+    async def _call_encoder(self, modality: str, content: Any, timeout_s: float) -> tuple[np.ndarray | None, str]:
         response = self.routes.active[modality].encode.remote(content)
         try:
             return await asyncio.wait_for(_awaited(response), timeout_s), ""
@@ -176,15 +192,24 @@ class Recommender:
         check_items(items, self.limits, self.modality_dims, set(self.encoders))
         contents = [dict(item.content.by_modality) for item in items]  # kept by Retrieval (content retention)
         for attempt in (1, 2):
+            stages = _Stages()
             versions = self._vector_versions(items)
-            vectors, shadow = await self._encode_items(items, versions)
+            with tracing.stage("encode", items=len(items)):
+                vectors, shadow = await self._encode_items(items, versions)
+            stages.mark("encode")
             version = self.model_version
-            fused = await self.fusion.item_vectors.remote(vectors, [item.item_id for item in items], version)
+            with tracing.stage("fuse"):
+                fused = await self.fusion.item_vectors.remote(vectors, [item.item_id for item in items], version)
+            stages.mark("fuse")
             stored = [StoredItem(item_id=item.item_id, attributes=item.attributes, modality_vectors=vectors[i],
                                  fused=fused[i], encoder_versions=versions[i], model_version=version)
                       for i, item in enumerate(items)]
             try:
-                return await self.retrieval.upsert.remote(stored, contents, shadow)
+                with tracing.stage("store"):
+                    n = await self.retrieval.upsert.remote(stored, contents, shadow)
+                stages.mark("store")
+                self.metrics.observe_stages("UpsertItems", stages.ms)
+                return n
             except SchemaMismatch:
                 if attempt == 2:
                     raise

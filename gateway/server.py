@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import functools
 import hmac
 import inspect
 import logging
-from typing import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,6 +18,11 @@ from fusionrec.v1 import recommender_pb2 as pb
 from fusionrec.v1 import recommender_pb2_grpc as pb_grpc
 from fusionrec.gateway.config import ServerConfig
 from fusionrec.gateway.errors import status_of
+from fusionrec.gateway.requestlog import RequestLogInterceptor, current_request_id
+from fusionrec.gateway.tracing import Tracing
+
+if TYPE_CHECKING:
+    from fusionrec.gateway.metrics import Metrics
 
 # Serve routes "ray.serve" records into the replica log files (logs/serve/replica_*.log).
 log = logging.getLogger("ray.serve")
@@ -26,6 +33,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 #: Retry advice with RESOURCE_EXHAUSTED from the in-flight limit.
 LIMIT_RETRY_AFTER_MS = 100
+#: Told (full method, reason) when a request is refused or shed: the metrics' rejection counter.
+Reject = Callable[[str, str], None]
+
+
+def _no_reject(_method: str, _reason: str) -> None:
+    pass
 
 
 def _wrap_unary(handler: grpc.RpcMethodHandler,
@@ -43,6 +56,9 @@ def _wrap_unary(handler: grpc.RpcMethodHandler,
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps exceptions escaping a handler to their gRPC status (see fusionrec.gateway.errors.to_status)."""
 
+    def __init__(self, on_reject: Reject | None = None) -> None:
+        self._on_reject = on_reject or _no_reject
+
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
@@ -56,7 +72,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:
                 status = status_of(exc, context.time_remaining())
                 if status.code == grpc.StatusCode.INTERNAL:
-                    log.exception("%s failed", details.method)
+                    log.exception("%s failed (request_id %s)", details.method, current_request_id())
+                elif status.code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # shed by a replica behind us
+                    self._on_reject(details.method, "out_of_resources" if status.retry_after_s is None
+                                    else "backpressure")
                 pushback = () if status.retry_after_s is None else (
                     ("grpc-retry-pushback-ms", str(round(status.retry_after_s * 1000))),)
                 await context.abort(status.code, status.message, trailing_metadata=pushback)
@@ -67,8 +86,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer <token>` on every RPC except health and reflection."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, on_reject: Reject | None = None) -> None:
         self._expected = f"Bearer {token}".encode()
+        self._on_reject = on_reject or _no_reject
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -79,6 +99,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
 
         async def deny(_inner, _request, context):
+            self._on_reject(details.method, "unauthenticated")
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or wrong token: send metadata `authorization: Bearer <token>`")
 
@@ -96,8 +117,10 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     reflection are outside that limit (idle Watch streams cannot lock callers out), their long-lived
     streams capped at `max_streams` per method instead."""
 
-    def __init__(self, health_servicer: FrontDoorHealth, max_inflight: int, max_streams: int) -> None:
+    def __init__(self, health_servicer: FrontDoorHealth, max_inflight: int, max_streams: int,
+                 on_reject: Reject | None = None) -> None:
         self._health = health_servicer
+        self._on_reject = on_reject or _no_reject
         self._max_inflight = max_inflight
         self._max_streams = max_streams
         self.inflight = 0
@@ -113,12 +136,14 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             return self._capped_stream(handler, details.method) if streaming else handler
         if handler.unary_unary is None:
             return handler
-        return _wrap_unary(handler, self._admit)
+        return _wrap_unary(handler, functools.partial(self._admit, details.method))
 
-    async def _admit(self, inner, request, context):
+    async def _admit(self, method, inner, request, context):
         if not self._health.started:
+            self._on_reject(method, "starting_up")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "starting up: models are still loading; retry")
         if self.inflight >= self._max_inflight:
+            self._on_reject(method, "inflight_limit")
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many requests in flight (limit {self._max_inflight}); retry after {LIMIT_RETRY_AFTER_MS} ms",
@@ -135,6 +160,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
         async def capped(request, context):
             if self.streams[method] >= self._max_streams:
+                self._on_reject(method, "stream_limit")
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"too many open {method} streams (limit {self._max_streams}); "
                                     "close one or poll with Check")
@@ -154,28 +180,63 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                        response_serializer=handler.response_serializer)
 
 
-async def create_server(servicer: pb_grpc.RecommenderServicer, cfg: ServerConfig
-                        ) -> tuple[grpc.aio.Server, int, FrontDoorHealth]:
-    """Build and start the server; health starts NOT_SERVING and API RPCs are answered UNAVAILABLE
-    until `set_serving(health, True)` marks start-up complete. Returns (server, bound port, health)."""
-    health_servicer = FrontDoorHealth()
-    interceptors: list[grpc.aio.ServerInterceptor] = [
-        AdmissionInterceptor(health_servicer, cfg.max_inflight_requests,
-                             cfg.max_open_streams),
-        ErrorInterceptor()]
-    if cfg.auth_token:
-        interceptors.insert(0, TokenAuthInterceptor(cfg.auth_token))
+def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    """Message limits; keepalive so dead peers free their slots; a maximum connection age so long-lived HTTP/2
+    connections end (GOAWAY, in-flight RPCs get the grace period) and clients re-balance over Gateway replicas."""
     max_bytes = cfg.max_message_mb * 1024 * 1024
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=[("grpc.max_receive_message_length", max_bytes),
-                 ("grpc.max_send_message_length", max_bytes)])
+    options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes),
+               ("grpc.keepalive_time_ms", round(cfg.keepalive_time_s * 1000)),
+               ("grpc.keepalive_timeout_ms", 20_000),
+               # Clients (fusionrec.client) ping idle connections every 5 min: allow it without a GOAWAY.
+               ("grpc.http2.min_ping_interval_without_data_ms", 60_000)]
+    if cfg.max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", round(cfg.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", round(cfg.grace_period_s * 1000))]
+    return options
+
+
+def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the PEM files in ``cfg`` (mutual TLS with tls_client_ca_file); None: plaintext."""
+    if not cfg.tls_cert_file:
+        return None
+    try:
+        chain = (Path(cfg.tls_key_file).read_bytes(), Path(cfg.tls_cert_file).read_bytes())
+        client_ca = Path(cfg.tls_client_ca_file).read_bytes() if cfg.tls_client_ca_file else None
+    except OSError as exc:
+        raise ValueError(f"server TLS: cannot read {exc.filename}: {exc.strerror}") from exc
+    return grpc.ssl_server_credentials([chain], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+async def create_server(servicer: pb_grpc.RecommenderServicer, cfg: ServerConfig, metrics: "Metrics | None" = None,
+                        tracing: Tracing | None = None) -> tuple[grpc.aio.Server, int, FrontDoorHealth]:
+    """Build and start the server; health starts NOT_SERVING and API RPCs are answered UNAVAILABLE
+    until `set_serving(health, True)` marks start-up complete. Returns (server, bound port, health).
+    ``metrics``: counts and times every RPC, refusals with their reason (gateway/metrics.py).
+    ``tracing``: where spans go (default: from ``cfg``, gateway/tracing.py); request ids and the access
+    log: gateway/requestlog.py."""
+    health_servicer = FrontDoorHealth()
+    reject = metrics.reject if metrics is not None else None
+    admission = AdmissionInterceptor(health_servicer, cfg.max_inflight_requests, cfg.max_open_streams, reject)
+    interceptors: list[grpc.aio.ServerInterceptor] = [admission, ErrorInterceptor(reject)]
+    token = cfg.token()
+    if token:
+        interceptors.insert(0, TokenAuthInterceptor(token, reject))
+    # Around auth and admission: refused RPCs get a request id, a trace and a log line too.
+    interceptors.insert(0, RequestLogInterceptor(SERVICE_NAME, cfg.access_log_sample_rate,
+                                                 tracing or Tracing.from_config(cfg)))
+    if metrics is not None:  # outermost: sees every refusal and final code
+        interceptors.insert(0, metrics.interceptor())
+        metrics.track_inflight(lambda: admission.inflight)
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(cfg))
     pb_grpc.add_RecommenderServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    address = f"{cfg.host}:{cfg.port}"
+    creds = server_credentials(cfg)
+    port = server.add_insecure_port(address) if creds is None else server.add_secure_port(address, creds)
     if port == 0:
         raise RuntimeError(f"could not bind gRPC port {cfg.host}:{cfg.port}")
     await server.start()

@@ -79,6 +79,10 @@ class SchemaMismatch(FailedPrecondition):
     """The store holds vectors from other encoders/model than configured."""
 
 
+class StoreSwitched(SchemaMismatch):
+    """Another replica switched the shared store (re-index, encoder swap) under a call: follow and retry."""
+
+
 class ItemStore(ABC):
     """Items (vectors + attributes) and user interactions; the single owner of the data."""
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 from fusionrec.retrieval import lite
@@ -36,18 +38,24 @@ class MilvusConnection:
             Lite 512 when Milvus serves searches, 8192 when an in-memory index does
             (``mirrored``); never on a server), 0 = never, 1 = after every write.
         mirrored: searches run on an in-memory copy, not on Milvus.
+        consistency_level: of every read on a server (server_items.ServerOptions); Lite is always
+            read-your-writes.
     """
 
     def __init__(self, uri: str, token: str = "", flush_every_rows: int | None = None,
-                 mirrored: bool = True) -> None:
+                 mirrored: bool = True, consistency_level: str = "Strong") -> None:
         self.uri = uri
         self.is_lite = uri.endswith(".db")
         self.backend = "lite" if self.is_lite else "server"
+        self.consistency_level = consistency_level
         if flush_every_rows is None:  # see lite.py: unflushed rows slow Lite's own search, not reads by id
             flush_every_rows = 0 if not self.is_lite else (
                 FLUSH_EVERY_ROWS_LITE_MIRRORED if mirrored else FLUSH_EVERY_ROWS_LITE)
         self.flush_every = int(flush_every_rows)
         self._pending: dict[str, int] = {}
+        self._loading: list[str] = []
+        self._local = threading.local()
+        self._probe_pool = ThreadPoolExecutor(4, thread_name_prefix="milvus-probe")
         self._lock = threading.RLock()
         self._closed = False
         self._lite_path: str | None = None
@@ -62,6 +70,7 @@ class MilvusConnection:
         from pymilvus import MilvusClient
 
         if not self.is_lite:
+            lite.install_log_filter()  # a 2.3 server has no mvccTs for iterators either
             return MilvusClient(uri=uri, token=token)
         path = os.path.abspath(uri)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -83,6 +92,7 @@ class MilvusConnection:
                 return
             self._closed = True
             client, self._client = self._client, None
+        self._probe_pool.shutdown(wait=False)
         if client is not None:
             try:
                 client.close()
@@ -111,8 +121,28 @@ class MilvusConnection:
         return self._lite_path or self.uri
 
     def consistency(self) -> dict[str, Any]:
-        # Lite is always read-your-writes; on a server ask for it explicitly.
-        return {} if self.is_lite else {"consistency_level": "Strong"}
+        # Lite is always read-your-writes; on a server ask for the configured level explicitly.
+        if self.is_lite:
+            return {}
+        return {"consistency_level": "Bounded" if getattr(self._local, "caught_up", False) else self.consistency_level}
+
+    @contextmanager
+    def caught_up(self, probes: dict[str, str]) -> Iterator[None]:
+        """Within the block this thread's reads of the ``probes`` collections (name -> a filter matching
+        nothing) see every write acknowledged before it began, for one Strong read per collection, run
+        concurrently, instead of one per read. A Strong read waits for the server's next time tick; after
+        it the server answers a Bounded read of the same collection at its current safe time, which has
+        passed the Strong one's (Milvus 2.3.5, probed here: 20 of 20 fresh writes seen)."""
+        if self.is_lite or self.consistency_level != "Strong" or getattr(self._local, "caught_up", False):
+            yield
+            return
+        list(self._probe_pool.map(
+            lambda kv: self.client.query(kv[0], filter=kv[1], limit=1, consistency_level="Strong"), probes.items()))
+        self._local.caught_up = True
+        try:
+            yield
+        finally:
+            self._local.caught_up = False
 
     # ----------------------------------------------------------------- collections
 
@@ -136,6 +166,24 @@ class MilvusConnection:
         # sync=False: pymilvus' index wait loop sleeps 0.5 s per index even on an empty
         # collection; the index exists (and Lite builds it) as soon as the call returns.
         self.client.create_index(name, self._index_params_for(idx), sync=False)
+
+    def load(self, name: str) -> None:
+        """Load collection ``name`` (a no-op when loaded): at once on Lite; on a server only started
+        here and waited for by ``wait_loaded``, since a 2.3 server takes ~2.5 s per load even of an
+        empty collection and loads several at once in about the time of one."""
+        if self.is_lite:
+            self.client.load_collection(name)
+            return
+        self.client.load_collection(name, _async=True)
+        with self._lock:
+            self._loading.append(name)
+
+    def wait_loaded(self) -> None:
+        """Return once every collection ``load`` started is loaded."""
+        with self._lock:
+            names, self._loading = self._loading, []
+        for name in names:
+            self.client.load_collection(name)  # waits for the load already under way
 
     # ----------------------------------------------------------------- reads
 

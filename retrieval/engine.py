@@ -7,6 +7,7 @@ notebook or a test can drive one directly.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -15,12 +16,13 @@ import numpy as np
 
 from fusionrec.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from fusionrec.fusion.base import FusionModel
-from fusionrec.retrieval.base import Candidate, FilterSpec, InteractionEvent, StoredItem, StoreSchema
+from fusionrec.retrieval.base import Candidate, FilterSpec, InteractionEvent, StoredItem, StoreSchema, StoreSwitched
 from fusionrec.retrieval.content import ContentStore
 from fusionrec.retrieval.query import Ranked, RecommendQuery
 
 if TYPE_CHECKING:
     from fusionrec.retrieval.milvus import MilvusStore
+    from fusionrec.retrieval.server_items import ServerOptions
 
 
 #: Popular items are looked up this many ids at a time, most popular first, until k pass the filters.
@@ -30,22 +32,24 @@ POPULAR_CHUNK = 1024
 class RetrievalEngine:
     """Items, vectors, attributes and interaction history of one store, and recommendations over them.
 
-    Store calls run one at a time (Milvus Lite is single-threaded), except ``reindex``: searches
-    keep reading the old vectors until the store switches, and writes wait on the store's own
-    write lock. Thread-safe.
+    On Milvus Lite store calls run one at a time (Lite is single-threaded), except ``reindex``:
+    searches keep reading the old vectors until the store switches, and writes wait on the store's
+    own write lock. On a server they run concurrently (the server orders them), and the engine
+    follows switches made by other replicas (``sync``). Thread-safe.
     """
 
     def __init__(self, store: MilvusStore, content: ContentStore | None = None) -> None:
         self.store = store
         #: where items' raw content is kept (retrieval/content.py); None: content is not kept
         self.content = content
-        self._lock = threading.RLock()  # one client call at a time: Milvus Lite is single-threaded
+        # one client call at a time on Lite (single-threaded); a server takes concurrent calls
+        self._lock = contextlib.nullcontext() if store.shared else threading.RLock()
 
     @classmethod
     def open(cls, uri: str, schema: StoreSchema, *, token: str = "", items_collection: str = "items",
-             interactions_collection: str = "interactions", search_backend: str = "memory",
+             interactions_collection: str = "interactions", search_backend: str = "auto",
              index_params: dict[str, Any] | None = None, flush_every_rows: int | None = None,
-             content: ContentStore | None = None) -> "RetrievalEngine":
+             content: ContentStore | None = None, server: ServerOptions | None = None) -> "RetrievalEngine":
         """Open (or create) the Milvus store at ``uri`` (options: see MilvusStore); ``content``
         keeps the raw content of upserted items (None: not kept).
 
@@ -57,7 +61,11 @@ class RetrievalEngine:
         return cls(MilvusStore(uri, schema, items_collection=items_collection,
                                interactions_collection=interactions_collection, token=token,
                                search_backend=search_backend, index_params=index_params,
-                               accept_stored_model=True, flush_every_rows=flush_every_rows), content)
+                               accept_stored_model=True, flush_every_rows=flush_every_rows, server=server), content)
+
+    def sync(self, force: bool = False) -> bool:
+        """Follow a re-index or swap another replica committed on a shared server (MilvusStore.sync)."""
+        return self.store.sync(force)
 
     @property
     def schema(self) -> StoreSchema:
@@ -147,8 +155,8 @@ class RetrievalEngine:
     def record_interactions(self, events: list[InteractionEvent]) -> int:
         """Append events; raises NotFound, recording nothing, when one names an unknown item."""
         with self._lock:
-            known = self.store.fused(sorted({e.item_id for e in events}))
-            missing = sorted({e.item_id for e in events} - set(known))
+            known = self.store.known(sorted({e.item_id for e in events}))
+            missing = sorted({e.item_id for e in events} - known)
             if missing:
                 raise NotFound(f"interactions name unknown items {missing[:10]}; upsert them first "
                                "(nothing from this batch was recorded)")
@@ -177,12 +185,25 @@ class RetrievalEngine:
         Raises:
             InvalidArgument: the model cannot use the request (e.g. an unknown query modality).
         """
-        if model.version != self.schema.model_version:
+        self.sync()
+        if self._stale(model, query, query_versions) and (not self.sync(force=True)
+                                                          or self._stale(model, query, query_versions)):
             return None
+        try:
+            return self._recommend(q, query, model, history_limit)
+        except StoreSwitched:  # another replica switched the shared store under this call
+            self.sync(force=True)
+            return None
+
+    def _stale(self, model: FusionModel, query: dict[str, np.ndarray], query_versions: dict[str, str] | None) -> bool:
+        """Whether the request's model or query encoders are not the stored vectors' ones."""
         stored = self.schema.encoder_versions
-        if any(v != stored.get(m, v) for m, v in (query_versions or {}).items() if m in query):
-            return None
-        with self._lock:
+        return model.version != self.schema.model_version or any(
+            v != stored.get(m, v) for m, v in (query_versions or {}).items() if m in query)
+
+    def _recommend(self, q: RecommendQuery, query: dict[str, np.ndarray], model: FusionModel,
+                   history_limit: int) -> Ranked:
+        with self._lock, self.store.consistent_reads():
             history_ids, history = self._history(q, model.dim, history_limit)
             if not len(history) and not query:
                 return self.popular(q.k, q.filters, set(q.exclude_item_ids))

@@ -1,8 +1,15 @@
-"""InteractionLog: the interactions collection (append-only events) and the per-user history cache."""
+"""InteractionLog: the interactions collection (append-only events), per-user history and popularity.
+
+On Milvus Lite (one owner process) history is cached per user and interaction counts are kept in
+step with every write, both filled by a full scan at open. On a server, where several replicas write,
+history is read from the server on every call, and counts are recounted from it at most every
+``popularity_ttl_s`` (a replica's own records count at once on it).
+"""
 
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 
 from fusionrec.core.rules import check_id, check_kind
@@ -18,6 +25,7 @@ from fusionrec.retrieval.layout import (
     F_PK,
     F_TS,
     F_USER,
+    MILVUS_MAX_TOPK,
     PROP_FORMAT,
     PROP_ROLE,
     QUERY_CHUNK,
@@ -38,17 +46,25 @@ def _entry(r: dict) -> tuple:
 
 
 class InteractionLog:
-    """Interaction events in Milvus collection ``collection``; recent ones cached per user."""
+    """Interaction events in Milvus collection ``collection``.
 
-    def __init__(self, conn: MilvusConnection, collection: str, cache: HistoryCache) -> None:
+    Args:
+        cache: recent events per user (one owner process); None: read history from Milvus each time.
+        popularity_ttl_s: without a cache, recount interactions from Milvus at most this often.
+    """
+
+    def __init__(self, conn: MilvusConnection, collection: str, cache: HistoryCache | None,
+                 popularity_ttl_s: float = 5.0) -> None:
         self.conn = conn
         self.collection = collection
         self._cache = cache
         self._counts: Counter[str] = Counter()  # item id -> recorded interactions
         self._ranked: list[tuple[str, int]] | None = None  # _counts sorted, until the next record
+        self._counted_at = float("-inf")  # without a cache: when _counts was last recounted
+        self._popularity_ttl_s = float(popularity_ttl_s)
 
     def open(self) -> None:
-        """Create or check the collection, load it, and fill the cache from a full scan."""
+        """Create or check the collection, load it, and (with a cache) fill the cache and counts from a full scan."""
         c = self.conn.client
         name = self.collection
         if not c.has_collection(name):
@@ -63,7 +79,9 @@ class InteractionLog:
                     f"collection (missing fields {sorted(missing)}); use another "
                     f"interactions_collection name."
                 )
-        c.load_collection(name)
+        self.conn.load(name)
+        if self._cache is None:
+            return  # read on demand
         per_user: dict[str, list[tuple]] = {}
         for batch in self.conn.iterate(name, _SCAN_BATCH, _FIELDS):
             for r in batch:
@@ -96,17 +114,26 @@ class InteractionLog:
         for r, pk in zip(rows, pks):
             ev = InteractionEvent(r[F_USER], r[F_ITEM], r[F_KIND], r[F_TS])
             by_user.setdefault(ev.user_id, []).append((ev.timestamp_s, pk, ev))
-        self._cache.recorded(by_user)
+        if self._cache is not None:
+            self._cache.recorded(by_user)
         self._counts.update(r[F_ITEM] for r in rows)
         self._ranked = None
         self.conn.after_write(self.collection, len(rows))
 
     def popularity(self) -> list[tuple[str, int]]:
         """(item id, events), most first; ties by id so the order is stable. Sorted once per write."""
+        if self._cache is None and time.monotonic() - self._counted_at >= self._popularity_ttl_s:
+            self._recount()
         ranked = self._ranked
         if ranked is None:
             ranked = self._ranked = sorted(self._counts.items(), key=lambda kv: (-kv[1], kv[0]))
         return ranked
+
+    def _recount(self) -> None:
+        counts: Counter[str] = Counter()
+        for batch in self.conn.iterate(self.collection, _SCAN_BATCH, [F_ITEM]):
+            counts.update(r[F_ITEM] for r in batch)
+        self._counts, self._ranked, self._counted_at = counts, None, time.monotonic()
 
     def events(self) -> list[InteractionEvent]:
         """Every recorded event, from the collection (not the cache), ordered by (user, time, write order)."""
@@ -118,14 +145,24 @@ class InteractionLog:
         limit = int(limit)
         if limit <= 0:
             return []
-        cached, gen = self._cache.lookup(user_id, limit)
-        if cached is not None:
-            return cached
-        # cache miss (evicted user) or a longer history than cached: read Milvus
-        entries = []
-        expr = f"{F_USER} == {quote_string(check_id(user_id, 'user id'))}"
-        for batch in self.conn.iterate(self.collection, _SCAN_BATCH, _FIELDS, expr):
-            entries.extend(_entry(r) for r in batch)
+        gen = 0
+        if self._cache is not None:
+            cached, gen = self._cache.lookup(user_id, limit)
+            if cached is not None:
+                return cached
+        # no cache, a cache miss (evicted user) or a longer history than cached: read Milvus
+        entries = self._read_user(check_id(user_id, "user id"))
         entries.sort(key=lambda e: (e[0], e[1]))
-        self._cache.fill(user_id, entries, gen)
+        if self._cache is not None:
+            self._cache.fill(user_id, entries, gen)
         return [e[2] for e in entries[-limit:]]
+
+    def _read_user(self, user_id: str) -> list[tuple]:
+        """Every event of one user: one query (under the server's top-k cap), else an iterator."""
+        expr = f"{F_USER} == {quote_string(user_id)}"
+        if not self.conn.is_lite:
+            rows = self.conn.client.query(self.collection, filter=expr, output_fields=_FIELDS,
+                                          limit=MILVUS_MAX_TOPK, **self.conn.consistency())
+            if len(rows) < MILVUS_MAX_TOPK:
+                return [_entry(r) for r in rows]
+        return [_entry(r) for batch in self.conn.iterate(self.collection, _SCAN_BATCH, _FIELDS, expr) for r in batch]

@@ -15,16 +15,20 @@ from fusionrec.retrieval.base import SchemaMismatch, StoreSchema
 from fusionrec.retrieval.connection import MilvusConnection
 from fusionrec.retrieval.layout import (
     F_FUSED,
+    LOCK_SUFFIX,
+    MODALITY_SUFFIX,
     MVEC_SUFFIX,
     PROP_ACTIVE_ITEMS,
     PROP_FORMAT,
     PROP_ROLE,
     PROP_SCHEMA,
+    STATE_SUFFIX,
     STORE_FORMAT,
     VEC_PREFIX,
     items_schema,
     modality_vectors_schema,
 )
+from fusionrec.retrieval.shadow import SHADOW_INFIX
 from fusionrec.retrieval.schema_meta import modality_differences, schema_differences, schema_from_json, schema_to_json
 
 logger = logging.getLogger(__name__)
@@ -53,8 +57,10 @@ class CollectionNames:
             raise ValueError("items and interactions collections must differ")
         if REINDEX_SEP in self.items:
             raise ValueError(f"items collection name must not contain {REINDEX_SEP!r}")
-        if self.mvec == self.interactions:
-            raise ValueError(f"collection name {self.interactions!r} is reserved")
+        own = (self.mvec, self.items + STATE_SUFFIX, self.items + LOCK_SUFFIX)
+        if self.interactions in own or self.interactions.startswith((self.items + MODALITY_SUFFIX,
+                                                                       self.items + SHADOW_INFIX)):
+            raise ValueError(f"collection name {self.interactions!r} is reserved for the items' own collections")
         return self
 
 
@@ -112,7 +118,7 @@ def _create_items(conn: MilvusConnection, names: CollectionNames, active: str, s
     return active
 
 
-def _stored_schema(conn: MilvusConnection, name: str, desc: dict) -> StoreSchema:
+def stored_schema(conn: MilvusConnection, name: str, desc: dict) -> StoreSchema:
     props = desc.get("properties") or {}
     raw = props.get(PROP_SCHEMA)
     if raw is None or props.get(PROP_ROLE) != "items":
@@ -135,7 +141,7 @@ def _check_items(conn: MilvusConnection, names: CollectionNames, active: str, sc
                  accept_stored_model: bool) -> StoreSchema:
     c = conn.client
     desc = c.describe_collection(active)
-    stored = _stored_schema(conn, active, desc)
+    stored = stored_schema(conn, active, desc)
     if accept_stored_model and not modality_differences(stored, schema):
         # Only the fused space differs: open as stored; the owner re-indexes (see reindex).
         schema = replace(schema, fused_dim=stored.fused_dim, model_version=stored.model_version)

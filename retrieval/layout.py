@@ -13,6 +13,16 @@
   (``PROP_ACTIVE_ITEMS``) once the store has been re-indexed (Lite has no aliases).
 - ``<interactions>``: ``pk`` INT64 auto-id, ``user_id``, ``item_id``, ``kind`` VARCHAR,
   ``ts`` DOUBLE, ``dummy_vec`` FLOAT_VECTOR(2) (Milvus needs one vector field).
+
+On a Milvus server (2.3 allows one vector field per collection; retrieval/server_items.py):
+
+- ``<items>`` is an ALIAS of the live items collection ``<items>__r<n>`` (same fields as above); a
+  re-index builds ``__r<n+1>`` and moves the alias, so every replica switches at once.
+- ``<items>_vec_<modality>``: ``id`` pk, ``vec`` FLOAT_VECTOR(dim), ``version`` (encoder) and
+  ``content`` (sha256 of the kept content, or "") VARCHAR; a row only where the item has the modality.
+- ``<items>_state``: ``id`` pk + a 2-d dummy vector, never written; its properties mark the layout
+  and list replaced items collections awaiting their drop (``PROP_RETIRED``).
+- ``<items>_lock``: exists while a re-index or encoder-swap commit runs (retrieval/server_lock.py).
 """
 
 from __future__ import annotations
@@ -50,6 +60,17 @@ F_DUMMY = "dummy_vec"
 DUMMY_DIM = 2
 
 MODALITY_NAME_MAX = 64
+
+# Milvus server layout (see the module docstring)
+SERVER_LAYOUT = "server-1"
+PROP_LAYOUT = "fusionrec.layout"
+PROP_RETIRED = "fusionrec.retired"  # state collection: [[collection, retired_at_s], ...]
+MODALITY_SUFFIX = "_vec_"
+STATE_SUFFIX = "_state"
+LOCK_SUFFIX = "_lock"
+F_VEC = "vec"
+F_VERSION = "version"
+DIGEST_MAX = 64
 
 MILVUS_MAX_TOPK = 16384
 QUERY_CHUNK = 1000  # ids per `id in [...]` query
@@ -116,6 +137,28 @@ def modality_vectors_schema(modality_dims: dict[str, int]):
     s.add_field(F_VERSIONS, DataType.JSON)
     s.add_field(F_CONTENT, DataType.JSON)
     return s, idx
+
+
+def modality_schema(dim: int):
+    """(schema, [(vector field, index role)]) of one modality's collection on a server."""
+    from pymilvus import DataType, MilvusClient
+
+    s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    s.add_field(F_ID, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
+    s.add_field(F_VEC, DataType.FLOAT_VECTOR, dim=int(dim))
+    s.add_field(F_VERSION, DataType.VARCHAR, max_length=VERSION_MAX_BYTES)
+    s.add_field(F_CONTENT, DataType.VARCHAR, max_length=DIGEST_MAX)
+    return s, [(F_VEC, "modality")]
+
+
+def marker_schema():
+    """(schema, [(vector field, index role)]) of the state and lock collections (never written)."""
+    from pymilvus import DataType, MilvusClient
+
+    s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    s.add_field(F_ID, DataType.VARCHAR, is_primary=True, max_length=ID_MAX_BYTES)
+    s.add_field(F_DUMMY, DataType.FLOAT_VECTOR, dim=DUMMY_DIM)
+    return s, [(F_DUMMY, "dummy")]
 
 
 def interactions_schema():

@@ -2,16 +2,23 @@
 
 ``MilvusStore(uri, schema)``: ``uri`` is a Milvus Lite data path ending in ``.db`` (embedded,
 in-process) or a server URI such as ``http://host:19530``. Milvus holds everything durably
-(layout in layout.py, Lite's behaviour in lite.py). With ``search_backend="memory"`` (the
-default) searches run on an ItemMirror (faiss HNSW + attribute columns) filled from the
-items collection at open and kept in step on every write: Milvus Lite 3.2.2 pays 50-90 ms
-per search at 100k rows whatever the index. ``search_backend="milvus"`` searches Milvus.
+(layout in layout.py, Lite's behaviour in lite.py).
+
+On Lite the store is the data's one owner: with ``search_backend="memory"`` (the default there)
+searches run on an ItemMirror (faiss HNSW + attribute columns) filled from the items collection
+at open and kept in step on every write (Milvus Lite 3.2.2 pays 50-90 ms per search at 100k rows
+whatever the index); ``"milvus"`` searches Milvus. On a server, any number of stores (Retrieval
+replicas) share the data: searches, filters and history are read from the server on every call
+(at ``ServerOptions.consistency_level``: Strong = read-your-writes across replicas), the items
+are read through an alias that a re-index moves for every replica at once, and writes are fenced
+against another replica's rebuild (server_items.py). No in-memory index there.
 
 The store is the items side (writes, reads, search dispatch, the re-index switch) over
 collaborators with one job each: connection.py (client, flush policy, chunked calls),
-item_collections.py (open and check the items collections), rows.py (items <-> rows),
-search.py (both search backends), reindex.py (building the re-indexed collection) and
-interactions.py (events and the history cache).
+item_collections.py (open and check the items collections), server_items.py (the same on a
+server: alias, fence, switch), modality_vectors.py (where per-modality vectors live), rows.py
+(items <-> rows), search.py (both search backends), reindex.py (building the re-indexed
+collection) and interactions.py (events, history, popularity).
 
 Measured through this store (5k items, fused 128-d, text 384 + image 1280 + audio 128-d,
 2 shared cores, noisy): bulk upsert ~1.4k items/s (items rows alone ~9.8k rows/s; the
@@ -25,31 +32,50 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
 
-from fusionrec.core.errors import FailedPrecondition, InvalidArgument
-from fusionrec.core.rules import as_vector, check_id
-from fusionrec.retrieval.base import Candidate, FilterSpec, InteractionEvent, ItemStore, StoredItem, StoreSchema
+from fusionrec.core.rules import as_vector, check_id, storable_id
+from fusionrec.retrieval.base import (
+    Candidate,
+    FilterSpec,
+    InteractionEvent,
+    ItemStore,
+    StoredItem,
+    StoreSchema,
+    StoreSwitched,
+)
 from fusionrec.retrieval.connection import MilvusConnection
 from fusionrec.retrieval.expressions import id_list
 from fusionrec.retrieval.history import HistoryCache
 from fusionrec.retrieval.interactions import InteractionLog
 from fusionrec.retrieval.item_collections import CollectionNames, has_field, open_items
-from fusionrec.retrieval.layout import F_CONTENT, F_FUSED, F_ID, MILVUS_MAX_TOPK, PROP_ACTIVE_ITEMS, QUERY_CHUNK
+from fusionrec.retrieval.layout import (
+    F_CONTENT,
+    F_FUSED,
+    F_ID,
+    F_MODEL_VERSION,
+    F_PK,
+    MILVUS_MAX_TOPK,
+    PROP_ACTIVE_ITEMS,
+    QUERY_CHUNK,
+    vec_out,
+)
 from fusionrec.retrieval.mirror import ItemMirror
+from fusionrec.retrieval.modality_vectors import PackedVectors, SplitVectors
 from fusionrec.retrieval.reindex import ReindexFn, build_items, check_reindex_schema, next_items_name
 from fusionrec.retrieval.rows import ItemRows, attrs_from_row
 from fusionrec.retrieval.schema_meta import validate_schema
-from fusionrec.retrieval.search import SEARCH_BACKENDS, load_mirror, search_milvus, search_mirror
-from fusionrec.retrieval.shadow import ShadowVectors
-from fusionrec.retrieval.swap import check_swap_schema, require_complete, rewrite_modality_rows, swapped
+from fusionrec.retrieval.search import load_mirror, resolve_backend, search_milvus, search_mirror
+from fusionrec.retrieval.server_items import ServerItems, ServerOptions
+from fusionrec.retrieval.swap import EncoderSwaps
 
 logger = logging.getLogger(__name__)
 
 
-class MilvusStore(ItemStore):
+class MilvusStore(EncoderSwaps, ItemStore):
     """Items + interactions in Milvus (Lite file or server). Thread-safe.
 
     Extra keyword-only knobs (defaults are fine):
@@ -58,12 +84,14 @@ class MilvusStore(ItemStore):
         (on Lite 512 when Milvus serves searches, 8192 when the in-memory index does;
         never on a server), 0 = never, 1 = after every write.
       search_backend: "memory" (in-memory HNSW + attribute columns kept in step with
-        Milvus) or "milvus" (search Milvus itself).
+        Milvus; Lite only), "milvus" (search Milvus itself) or "auto" (memory on Lite,
+        milvus on a server).
       index_params: VectorIndex knobs for the memory backend (m, ef_construction,
         ef_search, ef_max, exact_max_rows); None = defaults.
       accept_stored_model: when only the fused space (model version / fused dim) differs
         from ``schema``, open with the stored one instead of raising, so the caller can
         re-index (``self.schema`` is then the stored one).
+      server: how replicas share a server (server_items.ServerOptions); ignored on Lite.
     """
 
     def __init__(
@@ -77,15 +105,15 @@ class MilvusStore(ItemStore):
         *,
         history_cache_events_per_user: int = 1000,
         flush_every_rows: int | None = None,
-        search_backend: str = "memory",
+        search_backend: str = "auto",
         index_params: dict[str, Any] | None = None,
         accept_stored_model: bool = False,
+        server: ServerOptions | None = None,
     ) -> None:
         validate_schema(schema)
         names = CollectionNames(items_collection, interactions_collection).check()
-        if search_backend not in SEARCH_BACKENDS:
-            raise ValueError(f"search_backend must be one of {SEARCH_BACKENDS}, got {search_backend!r}")
-        history = HistoryCache(history_cache_users, history_cache_events_per_user)
+        search_backend = resolve_backend(search_backend, uri)
+        options = server or ServerOptions()
 
         self.schema = schema
         self.uri = uri
@@ -98,16 +126,23 @@ class MilvusStore(ItemStore):
         self._lock = threading.RLock()  # guards the switch of the active items collection
         self._write_lock = threading.RLock()  # keeps Milvus and the mirror in the same order
         self._mirror: ItemMirror | None = None
-        self._conn = MilvusConnection(uri, token, flush_every_rows, mirrored=search_backend == "memory")
+        self._server: ServerItems | None = None
+        self._vectors: PackedVectors | SplitVectors | None = None
+        self._conn = MilvusConnection(uri, token, flush_every_rows, mirrored=search_backend == "memory",
+                                      consistency_level=options.consistency_level)
         try:
-            # the collection holding the items now (see reindex), and what it holds
-            self._items, self.schema = open_items(self._conn, names, schema, accept_stored_model)
-            self._rows = ItemRows(self.schema, has_field(self._conn, names.mvec, F_CONTENT))
+            if self._conn.is_lite:
+                content_field = self._open_lite(schema, accept_stored_model)
+                history = HistoryCache(history_cache_users, history_cache_events_per_user)
+            else:
+                content_field, history = self._open_server(schema, accept_stored_model, options), None
+            self._rows = ItemRows(self.schema, content_field)
             if not self._rows.content_field:
                 logger.warning("store %s predates content retention: kept content is not recorded per item "
                                "(re-ingest into a new store to record it)", self._conn.where)
-            self._log = InteractionLog(self._conn, interactions_collection, history)
+            self._log = InteractionLog(self._conn, interactions_collection, history, options.popularity_ttl_s)
             self._log.open()
+            self._conn.wait_loaded()
             if search_backend == "memory":
                 self._mirror = load_mirror(self._conn, self._items, self.schema.fused_dim, self._index_params)
             self._resume_swaps()
@@ -115,13 +150,50 @@ class MilvusStore(ItemStore):
             self.close()
             raise
 
+    def _open_lite(self, schema: StoreSchema, accept_stored_model: bool) -> bool:
+        """The items collections of a Lite file; returns whether they record kept content."""
+        # the collection holding the items now (see reindex), and what it holds
+        self._items, self.schema = open_items(self._conn, self._names, schema, accept_stored_model)
+        self._vectors = PackedVectors(self._conn, self._names.mvec)
+        return has_field(self._conn, self._names.mvec, F_CONTENT)
+
+    def _open_server(self, schema: StoreSchema, accept_stored_model: bool, options: ServerOptions) -> bool:
+        """The items collections on a server, shared with other replicas (server_items.py)."""
+        self._server = ServerItems(self._conn, self._names, options)
+        self.schema = self._server.open(schema, accept_stored_model)
+        self._items = self.items_collection  # the alias: every read follows a switch
+        self._vectors = SplitVectors(self._conn, self.items_collection, self.schema)
+        self._vectors.open()
+        return True
+
     # ----------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
         with self._lock:
             self._mirror = None
+        if self._server is not None:
+            self._server.close()
+        if isinstance(self._vectors, SplitVectors):
+            self._vectors.close()
         if self._conn is not None:
             self._conn.close()
+
+    @property
+    def shared(self) -> bool:
+        """On a server: other stores (replicas) may write the same data at the same time."""
+        return self._server is not None
+
+    def sync(self, force: bool = False) -> bool:
+        """Follow a switch another replica made (re-index, encoder swap): on a server, at most
+        ``state_ttl_s`` late, at once with ``force``. Returns whether the schema changed."""
+        if self._server is None:
+            return False
+        schema = self._server.refresh(force)
+        if schema is None:
+            return False
+        with self._lock:
+            self.schema, self._rows = schema, ItemRows(schema, self._rows.content_field)
+        return True
 
     def __enter__(self) -> "MilvusStore":
         return self
@@ -131,49 +203,73 @@ class MilvusStore(ItemStore):
 
     def flush(self) -> None:
         """Flush every collection now (Lite: moves memtable rows into segments)."""
-        self._conn.flush([self.mvec_collection, self._items, self.interactions_collection])
+        items = self._server.target if self._server is not None else self._items
+        self._conn.flush([*self._vectors.collections, items, self.interactions_collection])
 
     # ----------------------------------------------------------------- writes
 
     def upsert(self, items: list[StoredItem]) -> None:
         if not items:
             return
-        by_id: dict[str, tuple[dict, dict]] = {}
-        for item in items:  # validate everything before writing anything; last one wins
-            irow, mrow = self._rows.prepare(item)
-            by_id.pop(irow[F_ID], None)
-            by_id[irow[F_ID]] = (irow, mrow)
-        irows = [r for r, _ in by_id.values()]
-        mrows = [r for _, r in by_id.values()]
+        if self._server is not None:
+            with self._write_lock:
+                self._server.fenced(lambda target: self._write_rows(target, *self._prepare(items)),
+                                    lambda: self.sync(force=True))
+            return
+        irows, mrows = self._prepare(items)
         with self._write_lock:
-            # modality vectors first, so a searchable item always has its vectors
-            self._conn.write(self.mvec_collection, mrows, self._rows.mvec_row_bytes)
-            self._conn.write(self._items, irows, self._rows.item_row_bytes)
+            self._write_rows(self._items, irows, mrows)
             if self._mirror is not None:
                 self._mirror.upsert(
                     [r[F_ID] for r in irows],
                     np.stack([r[F_FUSED] for r in irows]),
                     [attrs_from_row(r) for r in irows],
                 )
-        self._conn.after_write(self.mvec_collection, len(mrows))
+        self._vectors.after_write(len(mrows))
         self._conn.after_write(self._items, len(irows))
+
+    def _prepare(self, items: list[StoredItem]) -> tuple[list[dict], list[dict]]:
+        """(items rows, modality-vectors rows), every item checked before anything is written; last one wins."""
+        by_id: dict[str, tuple[dict, dict]] = {}
+        for item in items:
+            irow, mrow = self._rows.prepare(item)
+            by_id.pop(irow[F_ID], None)
+            by_id[irow[F_ID]] = (irow, mrow)
+        return [r for r, _ in by_id.values()], [r for _, r in by_id.values()]
+
+    def _write_rows(self, items: str, irows: list[dict], mrows: list[dict]) -> None:
+        # modality vectors first, so a searchable item always has its vectors
+        self._vectors.write(mrows, self._rows.mvec_row_bytes)
+        self._conn.write(items, irows, self._rows.item_row_bytes)
 
     def delete(self, item_ids: list[str]) -> list[str]:
         ids = list(dict.fromkeys(check_id(i) for i in item_ids))
         if not ids:
             return []
+        gone: list[str] = []
+
+        def delete_from(items: str) -> None:
+            found = self._delete_rows(items, ids)  # a fenced retry may find none of what a first try deleted
+            gone[:] = [i for i in ids if i in found or i in gone]
+
         with self._write_lock:
-            existing = self._conn.fetch(self._items, ids, [F_ID])
-            gone = [i for i in ids if i in existing]
-            c = self._conn.client
-            for i in range(0, len(gone), QUERY_CHUNK):
-                expr = f"{F_ID} in {id_list(gone[i : i + QUERY_CHUNK])}"
-                c.delete(self._items, filter=expr)
-                c.delete(self.mvec_collection, filter=expr)
+            if self._server is not None:
+                self._server.fenced(delete_from, lambda: self.sync(force=True))
+                return gone
+            delete_from(self._items)
             if self._mirror is not None:
                 self._mirror.delete(gone)
         self._conn.after_write(self._items, len(gone))
-        self._conn.after_write(self.mvec_collection, len(gone))
+        self._vectors.after_write(len(gone))
+        return gone
+
+    def _delete_rows(self, items: str, ids: list[str]) -> list[str]:
+        existing = self._conn.fetch(items, ids, [F_ID])
+        gone = [i for i in ids if i in existing]
+        for i in range(0, len(gone), QUERY_CHUNK):
+            expr = f"{F_ID} in {id_list(gone[i : i + QUERY_CHUNK])}"
+            self._conn.client.delete(items, filter=expr)
+            self._vectors.delete(expr)
         return gone
 
     # ----------------------------------------------------------------- reads
@@ -182,15 +278,42 @@ class MilvusStore(ItemStore):
         ids = list(dict.fromkeys(check_id(i) for i in item_ids))
         if not ids:
             return {}
+        if isinstance(self._vectors, SplitVectors):  # a server: items and vectors read concurrently
+            pending = self._vectors.pool.submit(self._conn.fetch, self._items, ids)
+            mrows = self._vectors.fetch(ids)
+            return self._rows.assemble(pending.result(), mrows)
         irows = self._conn.fetch(self._items, ids)
-        mrows = self._conn.fetch(self.mvec_collection, list(irows)) if irows else {}
+        mrows = self._vectors.fetch(list(irows)) if irows else {}
         return self._rows.assemble(irows, mrows)
 
+    @contextmanager
+    def consistent_reads(self) -> Iterator[None]:
+        """Reads of items and interactions in this block (this thread) see every write acknowledged
+        before it, by any replica, for one wait on the server instead of one per read
+        (MilvusConnection.caught_up); a no-op on Lite and below Strong consistency."""
+        with self._conn.caught_up({self._items: f'{F_ID} == ""', self.interactions_collection: f"{F_PK} == -1"}):
+            yield
+
     def fused(self, item_ids: list[str]) -> dict[str, np.ndarray]:
+        """Fused vectors by id; on a server StoreSwitched when they are another model's than ``schema``'s."""
         mirror = self._mirror
-        if mirror is None:
+        if mirror is not None:
+            return mirror.fused([i for i in item_ids if isinstance(i, str)])
+        if self._server is None:
             return super().fused(item_ids)
-        return mirror.fused([i for i in item_ids if isinstance(i, str)])
+        ids = list(dict.fromkeys(i for i in item_ids if isinstance(i, str) and storable_id(i)))
+        rows = self._conn.fetch(self._items, ids, [F_ID, F_FUSED, F_MODEL_VERSION]) if ids else {}
+        version = self.schema.model_version
+        if any(r.get(F_MODEL_VERSION) != version for r in rows.values()):
+            raise StoreSwitched(f"stored fused vectors are no longer of model {version!r}: the store switched")
+        return {i: vec_out(r[F_FUSED]) for i, r in rows.items()}
+
+    def known(self, item_ids: list[str]) -> set[str]:
+        """The stored ones among ``item_ids``."""
+        if self._server is None:
+            return set(self.fused(list(item_ids)))
+        ids = list(dict.fromkeys(i for i in item_ids if isinstance(i, str) and storable_id(i)))
+        return set(self._conn.fetch(self._items, ids, [F_ID])) if ids else set()
 
     def search(
         self,
@@ -210,7 +333,16 @@ class MilvusStore(ItemStore):
         mirror = self._mirror
         if mirror is not None:
             return search_mirror(mirror, q, k, filters, excluded, only_ids)
-        return search_milvus(self._conn, self._items, q, k, filters, excluded, only_ids)
+        if self._server is None:
+            return search_milvus(self._conn, self._items, q, k, filters, excluded, only_ids)
+        try:
+            return search_milvus(self._conn, self._items, q, k, filters, excluded, only_ids, self.schema.model_version)
+        except (ValueError, StoreSwitched):
+            raise
+        except Exception:  # e.g. another fused dim: the alias moved to another model's vectors
+            if self.sync(force=True):
+                raise StoreSwitched("the store switched to another fusion model during the search") from None
+            raise
 
     def count(self) -> int:
         return self._conn.count(self._items)
@@ -221,12 +353,15 @@ class MilvusStore(ItemStore):
         return mirror.memory_bytes() if mirror is not None else 0
 
     def iter_items(self, batch_size: int = 1000) -> Iterator[list[StoredItem]]:
+        """Every item in batches, from the items collection live when the iteration starts."""
         batch_size = max(1, min(int(batch_size), MILVUS_MAX_TOPK))
-        for batch in self._conn.iterate(self._items, batch_size, ["*"]):
+        self.sync()
+        items = self._server.target if self._server is not None else self._items
+        for batch in self._conn.iterate(items, batch_size, ["*"]):
             irows = {r[F_ID]: r for r in batch}
-            mrows = self._conn.fetch(self.mvec_collection, list(irows))
-            items = self._rows.assemble(irows, mrows)
-            yield [items[r[F_ID]] for r in batch if r[F_ID] in items]
+            mrows = self._vectors.fetch(list(irows))
+            assembled = self._rows.assemble(irows, mrows)
+            yield [assembled[r[F_ID]] for r in batch if r[F_ID] in assembled]
 
     # ----------------------------------------------------------------- re-indexing
 
@@ -241,23 +376,47 @@ class MilvusStore(ItemStore):
             batch_size: items per fn call.
 
         Returns the number of items re-indexed. The new vectors go into a new items
-        collection; the name of the active one is committed to the modality-vectors
-        collection's properties (Lite has no aliases), then the old one is dropped. Readers
-        see the old vectors until the commit and the new ones after. Writes wait until it
-        returns; on error the store is unchanged (the half-built collection is dropped).
+        collection; on Lite the name of the active one is committed to the modality-vectors
+        collection's properties (Lite has no aliases), then the old one is dropped. On a server
+        the alias moves (every replica reads the new collection from then on), under the lock
+        every replica's rebuilds share; a replica that finds the store already at ``new_schema``
+        does nothing (returns 0). Readers see the old vectors until the commit and the new ones
+        after. Writes wait until it returns (on a server, those of every replica: they are
+        fenced); on error the store is unchanged (the half-built collection is dropped).
         """
         check_reindex_schema(self.schema, new_schema)
         batch_size = max(1, min(int(batch_size), MILVUS_MAX_TOPK))
-        with self._write_lock:
+        with self._write_lock, self._rebuilding("reindex"):
+            if self._server is not None and (self.schema.model_version, self.schema.fused_dim) == (
+                    new_schema.model_version, new_schema.fused_dim):
+                return 0  # another replica re-indexed to it meanwhile
+            check_reindex_schema(self.schema, new_schema)
             return self._rebuild(new_schema, self.iter_items(batch_size), fn)
+
+    @contextmanager
+    def _rebuilding(self, what: str) -> Iterator[None]:
+        """On a server: hold the lock shared by every replica, up to date with the alias (caller holds the
+        write lock)."""
+        if self._server is None:
+            yield
+            return
+        with self._server.rebuilding(what):
+            self.sync(force=True)
+            yield
 
     def _rebuild(self, new_schema: StoreSchema, batches: Iterator[list[StoredItem]], fn: ReindexFn) -> int:
         """A new items collection from ``batches`` with ``fn``'s fused vectors, then the atomic switch to
-        it and ``new_schema`` (caller holds the write lock)."""
+        it and ``new_schema`` (caller holds the write lock, and on a server the rebuild lock)."""
         rows = ItemRows(new_schema, self._rows.content_field)
-        old, new = self._items, next_items_name(self.items_collection, self._items)
+        old = self._server.target if self._server is not None else self._items
+        new = next_items_name(self.items_collection, old)
         mirror = ItemMirror(new_schema.fused_dim, **self._index_params) if self._mirror is not None else None
         n = build_items(self._conn, new, rows, batches, fn, mirror)
+        if self._server is not None:
+            self._server.switch(new, new_schema)  # the commit point: the alias moves for every replica
+            with self._lock:
+                self.schema, self._rows = new_schema, rows
+            return n
         # the commit point: one property write names the active collection
         self._conn.client.alter_collection_properties(self.mvec_collection, {PROP_ACTIVE_ITEMS: new})
         with self._lock:
@@ -269,63 +428,6 @@ class MilvusStore(ItemStore):
         except Exception:  # pragma: no cover - the switch already happened
             logger.exception("could not drop the replaced items collection %r", old)
         return n
-
-    # ----------------------------------------------------------------- encoder swap
-
-    def shadow(self, modality: str) -> ShadowVectors:
-        """Shadow vectors of ``modality`` from an incoming encoder (retrieval/shadow.py)."""
-        if modality not in self.schema.modality_dims:
-            raise InvalidArgument(f"no {modality!r} modality in this store ({sorted(self.schema.modality_dims)})")
-        return ShadowVectors(self._conn, self.items_collection, modality)
-
-    def put_shadow(self, modality: str, vectors: dict[str, np.ndarray]) -> bool:
-        """Write shadow vectors while ``modality``'s swap is filling; False (nothing written) once it has
-        committed or when none runs. Under the write lock, so a write never lands in a dropped shadow."""
-        shadow = self.shadow(modality)
-        with self._write_lock:
-            state = shadow.state()
-            if state is None or state["committed"]:
-                return False
-            shadow.put(vectors)
-        return True
-
-    def commit_swap(self, modality: str, new_schema: StoreSchema, fn: ReindexFn, batch_size: int = 1000) -> int:
-        """Serve ``modality``'s shadow vectors: every item holding it gets its shadow vector and a fused
-        vector from ``fn`` (the fusion model refitted for them), switched to atomically as ``reindex``
-        does; then the modality-vectors rows are rewritten and the shadow dropped (retrieval/swap.py).
-
-        Raises FailedPrecondition while an item holding ``modality`` lacks a shadow vector. Returns
-        the number of items re-indexed.
-        """
-        shadow = self.shadow(modality)
-        state = shadow.state()
-        if state is None:
-            raise FailedPrecondition(f"no {modality} encoder swap in progress")
-        check_swap_schema(self.schema, new_schema, modality, state["version"], state["dim"])
-        batch_size = max(1, min(int(batch_size), MILVUS_MAX_TOPK))
-        with self._write_lock:
-            require_complete(self.iter_items(batch_size), shadow)
-            n = self._rebuild(new_schema, swapped(self.iter_items(batch_size), modality, shadow, state["version"]), fn)
-            shadow.mark_committed()
-            self._finish_swap(shadow, batch_size)
-        return n
-
-    def _finish_swap(self, shadow: ShadowVectors, batch_size: int = 1000) -> None:
-        """After the commit: the modality-vectors rows take the shadow vectors, then the shadow goes."""
-        version = self.schema.encoder_versions[shadow.modality]
-        batches = swapped(self.iter_items(batch_size), shadow.modality, shadow, version)
-        rewrite_modality_rows(self._conn, self.mvec_collection, self._rows, batches, shadow.modality)
-        self._conn.client.flush(self.mvec_collection)
-        shadow.drop()
-
-    def _resume_swaps(self) -> None:
-        """Finish a swap that committed before a crash (its shadow is marked committed)."""
-        for modality in self.schema.modality_dims:
-            shadow = ShadowVectors(self._conn, self.items_collection, modality)
-            state = shadow.state()
-            if state and state["committed"] and state["version"] == self.schema.encoder_versions.get(modality):
-                logger.warning("finishing the committed %s encoder swap to %s", modality, state["version"])
-                self._finish_swap(shadow)
 
     # ----------------------------------------------------------------- interactions
 

@@ -70,7 +70,8 @@ def build_items(conn: MilvusConnection, name: str, rows: ItemRows, batches: Iter
                 mirror.upsert([it.item_id for it in batch], vectors, [it.attributes for it in batch])
             n += len(batch)
         c.flush(name)
-        c.load_collection(name)
+        conn.load(name)
+        conn.wait_loaded()
     except BaseException:
         c.drop_collection(name)
         raise

@@ -79,9 +79,10 @@ class ItemRows:
             dim = self.schema.modality_dims[m]
             if m in vectors and vectors[m] is not None:
                 mrow[VEC_PREFIX + m] = as_vector(vectors[m], dim, f"item {item_id!r} {m} vector")
-                want = self.schema.encoder_versions.get(m, "")
-                got = (item.encoder_versions or {}).get(m, want)
-                if got != want:
+                # a modality without an encoder version (bring-your-own only) takes the vectors' label
+                want = self.schema.encoder_versions.get(m)
+                got = (item.encoder_versions or {}).get(m, want or "")
+                if want is not None and got != want:
                     raise SchemaMismatch(
                         f"item {item_id!r}: {m} vector from encoder version {got!r}, but this "
                         f"store holds {m} encoder version {want!r}; re-encode with the "

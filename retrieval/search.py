@@ -10,15 +10,30 @@ from __future__ import annotations
 import numpy as np
 
 from fusionrec.core.rules import storable_id
-from fusionrec.retrieval.base import AttributeValue, Candidate, FilterSpec
+from fusionrec.retrieval.base import AttributeValue, Candidate, FilterSpec, StoreSwitched
 from fusionrec.retrieval.connection import MilvusConnection
 from fusionrec.retrieval.expressions import build_filter, filter_clause, id_list
-from fusionrec.retrieval.layout import F_FUSED, F_ID, search_params, vec_out
+from fusionrec.retrieval.layout import F_FUSED, F_ID, F_MODEL_VERSION, search_params, vec_out
 from fusionrec.retrieval.mirror import ItemMirror
 from fusionrec.retrieval.rows import attrs_from_row
 
-SEARCH_BACKENDS = ("memory", "milvus")
+SEARCH_BACKENDS = ("auto", "memory", "milvus")
 MIRROR_LOAD_BATCH = 4096
+
+
+def resolve_backend(backend: str, uri: str) -> str:
+    """"memory" or "milvus" for ``backend`` at ``uri``: "auto" is memory on Milvus Lite (a ``.db`` file,
+    one owner process) and milvus on a server, where replicas share the data and an in-memory copy in
+    one of them would miss the others' writes (so "memory" is refused there)."""
+    if backend not in SEARCH_BACKENDS:
+        raise ValueError(f"search_backend must be one of {SEARCH_BACKENDS}, got {backend!r}")
+    lite = uri.endswith(".db")
+    if backend == "auto":
+        return "memory" if lite else "milvus"
+    if backend == "memory" and not lite:
+        raise ValueError("search_backend 'memory' needs a Milvus Lite file (one owner process); with a "
+                         "server the Retrieval replicas share the data and search it in Milvus: use 'milvus' or 'auto'")
+    return backend
 
 
 def load_mirror(conn: MilvusConnection, collection: str, fused_dim: int, index_params: dict) -> ItemMirror:
@@ -49,9 +64,11 @@ def search_mirror(
 
 def search_milvus(
     conn: MilvusConnection, collection: str, q: np.ndarray, k: int, filters: list[FilterSpec] | None,
-    excluded: set[str], only_ids: set[str] | None = None,
+    excluded: set[str], only_ids: set[str] | None = None, model_version: str | None = None,
 ) -> list[Candidate]:
-    expr = build_filter(filters, excluded)
+    """Top-k from Milvus. ``model_version``: the fusion model the caller's query belongs to; a hit
+    from another (the store switched under the caller) raises StoreSwitched."""
+    expr = build_filter(filters, excluded, server=not conn.is_lite)
     if expr is None:
         return []
     if only_ids is not None:
@@ -67,6 +84,7 @@ def search_milvus(
         filter=expr,
         output_fields=["*"],
         search_params=search_params(conn.backend, k),
+        **conn.consistency(),
     )
     hits = res[0] if res else []
     out = []
@@ -75,6 +93,9 @@ def search_milvus(
         item_id = h.get("id", ent.get(F_ID))
         if item_id in excluded:  # belt and braces; the filter already excludes them
             continue
+        if model_version is not None and ent.get(F_MODEL_VERSION) != model_version:
+            raise StoreSwitched(f"item {item_id!r} holds a fused vector of model {ent.get(F_MODEL_VERSION)!r}, "
+                                f"not {model_version!r}: the store switched")
         out.append(
             Candidate(
                 item_id=item_id,

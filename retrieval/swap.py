@@ -5,19 +5,27 @@ MilvusStore.commit_swap (1) checks that every item holding the modality has a sh
 a new items collection from the swapped vectors while readers keep the old one, (3) commits with one
 property write, as ``reindex`` does, then (4) rewrites the modality-vectors rows from the shadow and
 drops it. A crash during (4) leaves the shadow marked committed; the next open finishes (4).
+On a server all of it runs under the rebuild lock every replica shares (server_lock.py).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from typing import Iterable, Iterator
 
+import numpy as np
+
 from fusionrec.core.errors import FailedPrecondition, InvalidArgument
 from fusionrec.retrieval.base import StoredItem, StoreSchema
-from fusionrec.retrieval.connection import MilvusConnection
+from fusionrec.retrieval.layout import MILVUS_MAX_TOPK
+from fusionrec.retrieval.modality_vectors import PackedVectors, SplitVectors
+from fusionrec.retrieval.reindex import ReindexFn
 from fusionrec.retrieval.rows import ItemRows
 from fusionrec.retrieval.schema_meta import validate_schema
 from fusionrec.retrieval.shadow import ShadowVectors
+
+logger = logging.getLogger(__name__)
 
 
 def check_swap_schema(current: StoreSchema, new_schema: StoreSchema, modality: str, shadow_version: str,
@@ -67,13 +75,84 @@ def require_complete(batches: Iterable[list[StoredItem]], shadow: ShadowVectors)
             "finish re-encoding first (items whose content was not kept must be upserted again or deleted)")
 
 
-def rewrite_modality_rows(conn: MilvusConnection, mvec: str, rows: ItemRows, batches: Iterable[list[StoredItem]],
-                          modality: str) -> int:
+def rewrite_modality_rows(vectors: PackedVectors | SplitVectors, rows: ItemRows,
+                          batches: Iterable[list[StoredItem]], modality: str) -> int:
     """Write the modality-vectors rows of the (already swapped) items holding ``modality``."""
     n = 0
     for batch in batches:
         mine = [it for it in batch if modality in it.modality_vectors]
         if mine:
-            conn.write(mvec, [rows.prepare(it)[1] for it in mine], rows.mvec_row_bytes)
+            vectors.write([rows.prepare(it)[1] for it in mine], rows.mvec_row_bytes)
             n += len(mine)
     return n
+
+
+class EncoderSwaps:
+    """The encoder-swap side of MilvusStore (a mixin over its connection, rows, locks and rebuild)."""
+
+    def shadow(self, modality: str) -> ShadowVectors:
+        """Shadow vectors of ``modality`` from an incoming encoder (retrieval/shadow.py)."""
+        if modality not in self.schema.modality_dims:
+            raise InvalidArgument(f"no {modality!r} modality in this store ({sorted(self.schema.modality_dims)})")
+        return ShadowVectors(self._conn, self.items_collection, modality)
+
+    def put_shadow(self, modality: str, vectors: dict[str, np.ndarray]) -> bool:
+        """Write shadow vectors while ``modality``'s swap is filling; False (nothing written) once it has
+        committed or when none runs. Under the write lock, so a write never lands in a dropped shadow
+        (on a server, a replica committing the swap holds the rebuild lock: then False too)."""
+        shadow = self.shadow(modality)
+        with self._write_lock:
+            if self._server is not None and self._server.lock.busy():
+                return False
+            state = shadow.state()
+            if state is None or state["committed"]:
+                return False
+            try:
+                shadow.put(vectors)
+            except Exception:
+                if self._server is None or shadow.state() is not None:
+                    raise
+                return False  # another replica's commit dropped it meanwhile
+        return True
+
+    def commit_swap(self, modality: str, new_schema: StoreSchema, fn: ReindexFn, batch_size: int = 1000) -> int:
+        """Serve ``modality``'s shadow vectors: every item holding it gets its shadow vector and a fused
+        vector from ``fn`` (the fusion model refitted for them), switched to atomically as ``reindex``
+        does; then the modality-vectors rows are rewritten and the shadow dropped (retrieval/swap.py).
+
+        Raises FailedPrecondition while an item holding ``modality`` lacks a shadow vector. Returns
+        the number of items re-indexed.
+        """
+        shadow = self.shadow(modality)
+        batch_size = max(1, min(int(batch_size), MILVUS_MAX_TOPK))
+        with self._write_lock, self._rebuilding(f"swap {modality}"):
+            state = shadow.state()
+            if state is None:
+                raise FailedPrecondition(f"no {modality} encoder swap in progress")
+            check_swap_schema(self.schema, new_schema, modality, state["version"], state["dim"])
+            require_complete(self.iter_items(batch_size), shadow)
+            n = self._rebuild(new_schema, swapped(self.iter_items(batch_size), modality, shadow, state["version"]), fn)
+            shadow.mark_committed()
+            self._finish_swap(shadow, batch_size)
+        return n
+
+    def _finish_swap(self, shadow: ShadowVectors, batch_size: int = 1000) -> None:
+        """After the commit: the modality-vectors rows take the shadow vectors, then the shadow goes."""
+        version = self.schema.encoder_versions[shadow.modality]
+        batches = swapped(self.iter_items(batch_size), shadow.modality, shadow, version)
+        rewrite_modality_rows(self._vectors, self._rows, batches, shadow.modality)
+        if self._server is None:
+            self._conn.client.flush(self.mvec_collection)
+        shadow.drop()
+
+    def _resume_swaps(self) -> None:
+        """Finish a swap that committed before a crash (its shadow is marked committed)."""
+        for modality in self.schema.modality_dims:
+            shadow = ShadowVectors(self._conn, self.items_collection, modality)
+            state = shadow.state()
+            if not (state and state["committed"] and state["version"] == self.schema.encoder_versions.get(modality)):
+                continue
+            with self._write_lock, self._rebuilding(f"finish swap {modality}"):
+                if shadow.state() is not None:  # on a server another replica may have finished it
+                    logger.warning("finishing the committed %s encoder swap to %s", modality, state["version"])
+                    self._finish_swap(shadow)

@@ -80,6 +80,12 @@ class TrainConfig:
     cold_k: int = 10  # warm content neighbours an item without interactions borrows from (fusionrec.fusion.cold)
     cold_share: float = 0.5  # share of its vector taken from them; 0 = content blocks only
     eval_every: int = 1
+    #: Items a training batch scores besides its own (history and targets): a uniform catalog sample shared by
+    #: the batch (sampled softmax; fusionrec.fusion.train.sampling). A catalog of at most this many items is
+    #: scored whole (exact softmax, exact graph gradients); above it a batch costs O(batch + negatives).
+    negatives: int = 4096
+    #: Users that train()'s per-epoch validation and final test rank (a fixed random sample per run); 0 = all.
+    eval_users: int = 0
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

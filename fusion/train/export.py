@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +69,16 @@ def save_checkpoint(payload: dict[str, Any], directory: Path | None = None) -> P
     """Write ``<dataset>-<variant>-<hash>.pt`` (+ ``.json`` metrics next to it) into ``directory`` (default
     ``$FUSIONREC_HOME/checkpoints``); returns the .pt path."""
     directory = Path(directory or home("checkpoints"))
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    blob = buf.getvalue()
-    digest = hashlib.sha256(blob).hexdigest()[:12]
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{payload['dataset']}-{payload['variant']}-{digest}.pt"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(blob)
+    # Straight to a temporary file, hashed as it is read back: a large catalog's checkpoint (hundreds of MB)
+    # is never held in memory twice; the rename makes it appear whole.
+    tmp = directory / f".{payload['dataset']}-{payload['variant']}-{uuid.uuid4().hex}.tmp"
+    torch.save(payload, tmp)
+    digest = hashlib.sha256()
+    with open(tmp, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    path = directory / f"{payload['dataset']}-{payload['variant']}-{digest.hexdigest()[:12]}.pt"
     tmp.replace(path)
     meta = {k: payload[k] for k in ("dataset", "variant", "variant_config", "train_config", "seed", "modalities",
                                    "parts", "metrics")}

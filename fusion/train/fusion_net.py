@@ -1,6 +1,14 @@
-"""The two-tower fusion net (id/content/full/graph variants): ItemTower + frozen-able graph smoothing, UserTower."""
+"""The two-tower fusion net (id/content/full/graph variants): ItemTower + sparse graph smoothing, UserTower.
+
+A training batch scores either every item (``batch_items(None)``: exact softmax, exact graph gradients) or a
+sample of them (``batch_items(ids)``, fusionrec.fusion.train.sampling): then only the sampled items go through
+the item tower and the graph's contribution is the residual of the last ``refresh`` (no gradient), which is
+how a served checkpoint applies it too (fusionrec.fusion.trained), so a batch costs O(sample), not O(catalog).
+"""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
@@ -10,7 +18,11 @@ from fusionrec.fusion.cold import ColdStart, centred_units
 from fusionrec.fusion.towers import ItemTower, UserTower
 from fusionrec.fusion.train.config import TrainConfig, VariantConfig, variant_modalities
 from fusionrec.fusion.train.data import InteractionData
-from fusionrec.fusion.train.graph import content_knn_graph, cooccurrence_graph, maybe_dense
+from fusionrec.fusion.train.graph import content_knn_graph, cooccurrence_graph, to_torch
+
+
+#: Items per item-tower call when no gradient is kept (refresh, evaluation, export).
+NO_GRAD_CHUNK_ITEMS = 8192
 
 
 class FusionNet(nn.Module):
@@ -19,7 +31,7 @@ class FusionNet(nn.Module):
     Args:
         features: modality -> (n_items, d_m) float32 tensors (raw encoder vectors).
         known: (n_items,) bool, items that may use an id embedding (seen in training).
-        graph: (n_items, n_items) normalised item-item operator (dense or sparse) or None.
+        graph: (n_items, n_items) normalised item-item operator (torch sparse CSR) or None.
         cold: how items outside ``known`` borrow from warm ones (keys over the ``known`` rows), or None.
         catalog: (n_items,) bool, items in the catalog while training (default all): the others are
             held out entirely (no negative, no alignment sample).
@@ -44,6 +56,12 @@ class FusionNet(nn.Module):
         # Features never change: find the cold items' warm neighbours once, not on every forward pass.
         self._cold_match = None if self.cold is None or not len(self._cold_rows) else self.cold.match(
             {m: features[m][self._cold_rows].numpy() for m in self.cold.modalities})
+        self._cold_slot = torch.full((n_items,), -1, dtype=torch.long)  # item -> its row in _cold_match
+        self._cold_slot[self._cold_rows] = torch.arange(len(self._cold_rows))
+        #: From ``refresh``: (graph residual (n_items, dim) or None, warm items' served vectors (w, dim)).
+        self._stale: tuple[torch.Tensor | None, torch.Tensor] | None = None
+        #: Seconds spent building the item graph and fitting/matching cold start (set by ``from_data``).
+        self.build_timings: dict[str, float] = {}
         means = {m: x[known].mean(0) if known.any() else x.mean(0) for m, x in features.items()}
         self.item_tower = ItemTower({m: x.shape[1] for m, x in features.items()}, n_items if use_id else 0,
                                     cfg.block_dim, means, hidden=cfg.hidden)
@@ -69,17 +87,23 @@ class FusionNet(nn.Module):
         # does not use, not even through neighbours.
         neighbour_mods = ["text"] if "text" in mods else list(mods)
         cold = None
+        t0 = time.perf_counter()
         if variant.use_id and mods and cfg.cold_share > 0:
             cold = ColdStart.fit(data.features, known.numpy(), tuple(neighbour_mods), cfg.cold_k, cfg.cold_share)
+        t1 = time.perf_counter()
         graph = _item_graph(data, cfg, neighbour_mods, known, catalog) if variant.graph else None
+        t2 = time.perf_counter()
         present = {m: torch.as_tensor(data.present[m], dtype=torch.bool) for m in mods if m in data.present}
-        return cls(feats, data.n_items, variant.use_id, known, graph, cfg, cold, catalog, present)
+        net = cls(feats, data.n_items, variant.use_id, known, graph, cfg, cold, catalog, present)  # matches cold items
+        net.build_timings = {"graph_s": t2 - t1, "cold_start_s": (t1 - t0) + (time.perf_counter() - t2)}
+        return net
 
-    def item_blocks(self, train: bool) -> torch.Tensor:
-        """(n_items, P, block_dim) blocks of every item, with modality/id dropout when training."""
-        n = self.n_items
-        present = {m: self.present[m].clone() for m in self.features}
-        id_present = self.known.clone()
+    def item_blocks(self, train: bool, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(c, P, block_dim) blocks of the items ``ids`` (default every item), with modality/id dropout when
+        training."""
+        n = self.n_items if ids is None else len(ids)
+        present = {m: (self.present[m] if ids is None else self.present[m][ids]).clone() for m in self.features}
+        id_present = (self.known if ids is None else self.known[ids]).clone()
         if train and self.cfg.modality_dropout > 0 and len(self.features) > 1:
             for m in present:
                 present[m] &= torch.rand(n) >= self.cfg.modality_dropout
@@ -88,10 +112,18 @@ class FusionNet(nn.Module):
         if self.features:  # never drop everything: restore the item's first content modality
             nothing = ~torch.stack(list(present.values()), 1).any(1)
             for m in present:
-                restore = nothing & self.present[m]
+                restore = nothing & (self.present[m] if ids is None else self.present[m][ids])
                 present[m] = present[m] | restore
                 nothing = nothing & ~restore
-        return self.item_tower(self.features, present, torch.arange(n), id_present)
+        if ids is None and (train or torch.is_grad_enabled() or n <= NO_GRAD_CHUNK_ITEMS):
+            return self.item_tower(self.features, present, torch.arange(n), id_present)
+        idx = torch.arange(n) if ids is None else ids
+        # Without gradients a large catalog goes through in chunks: the towers' (n, d_m) temporaries of a
+        # 100k-item catalog would otherwise take ~1 GiB at once.
+        step = max(1, n if torch.is_grad_enabled() else NO_GRAD_CHUNK_ITEMS)
+        return torch.cat([self.item_tower({m: x[idx[a:a + step]] for m, x in self.features.items()},
+                                          {m: p[a:a + step] for m, p in present.items()}, idx[a:a + step],
+                                          id_present[a:a + step]) for a in range(0, max(n, 1), step)])
 
     def propagate(self, blocks: torch.Tensor) -> torch.Tensor:
         """Graph smoothing per block (linear, so the block layout survives): x + sum_l alpha^l S^l x."""
@@ -101,21 +133,66 @@ class FusionNet(nn.Module):
         x = blocks.reshape(n, p * d)
         out, h = x, x
         for layer in range(1, self.cfg.graph_layers + 1):
-            h = self.graph @ h
+            h = torch.sparse.mm(self.graph, h)
             out = out + (self.cfg.graph_alpha ** layer) * h
         return out.reshape(n, p, d)
+
+    def _served(self, flat: torch.Tensor, ids: torch.Tensor | None, warm: torch.Tensor | None = None) -> torch.Tensor:
+        """(c, dim) propagated vectors of ``ids`` (default all) -> as served: unit rows, cold items blended with
+        their warm neighbours' vectors (``warm``: every warm item's served vector; default ``flat``'s own)."""
+        if self.cfg.normalize:
+            flat = nn.functional.normalize(flat, dim=-1)
+        if self._cold_match is None:
+            return flat
+        if ids is None:
+            rows, slots = self._cold_rows, torch.arange(len(self._cold_rows))
+        else:
+            slots = self._cold_slot[ids]
+            rows = (slots >= 0).nonzero().squeeze(1)
+            slots = slots[rows]
+        if not len(rows):
+            return flat
+        # Detached: an unchosen item pushed down as a negative must not drag its neighbours with it.
+        warm = flat[self._warm_rows].detach() if warm is None else warm
+        idx, w = self._cold_match
+        borrowed = self.cold.blend(flat[rows], (idx[slots.numpy()], w[slots.numpy()]), warm)
+        return flat.index_copy(0, rows, borrowed)
 
     def item_vectors(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused item vectors as served, (n_items, dim), and their (n_items, P, block_dim) blocks."""
         blocks = self.propagate(self.item_blocks(train))
-        flat = blocks.reshape(self.n_items, -1)
-        if self.cfg.normalize:
-            flat = nn.functional.normalize(flat, dim=-1)
-        if self._cold_match is not None:  # no interactions: borrow from warm neighbours, as served
-            # Detached: an unchosen item pushed down as a negative must not drag its neighbours with it.
-            borrowed = self.cold.blend(flat[self._cold_rows], self._cold_match, flat[self._warm_rows].detach())
-            flat = flat.index_copy(0, self._cold_rows, borrowed)
-        return flat, blocks
+        return self._served(blocks.reshape(self.n_items, -1), None), blocks
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute, without dropout, every item's graph residual (propagated - own blocks) and the warm
+        items' served vectors, for ``batch_items`` over a sample (once per epoch: O(catalog), not per batch)."""
+        was_training = self.training
+        self.eval()  # no feature dropout either: the residual stands for the served graph term
+        own = self.item_blocks(train=False)
+        prop = self.propagate(own)
+        residual = None if self.graph is None else (prop - own).reshape(self.n_items, -1)
+        warm = self._served(prop.reshape(self.n_items, -1), None)[self._warm_rows]
+        self._stale = (residual, warm)
+        self.train(was_training)
+
+    def batch_items(self, ids: torch.Tensor | None, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectors and blocks a training batch scores: every item (``ids`` None, exact) or the items ``ids``:
+        fresh own blocks + the graph residual of the last ``refresh`` (computed on first use).
+
+        Returns:
+            (c, dim) item vectors as served and their (c, P, block_dim) blocks, rows in ``ids`` order.
+        """
+        if ids is None:
+            return self.item_vectors(train)
+        if self._stale is None:
+            self.refresh()
+        residual, warm = self._stale
+        own = self.item_blocks(train, ids)
+        flat = own.reshape(len(ids), -1)
+        if residual is not None:
+            flat = flat + residual[ids]
+        return self._served(flat, ids, warm), flat.reshape(own.shape)
 
     def scores(self, users: torch.Tensor, hist: torch.Tensor, hist_mask: torch.Tensor,
                items: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,20 +204,25 @@ class FusionNet(nn.Module):
             user = nn.functional.normalize(user, dim=-1)
         return user @ items.T / self.cfg.temperature
 
-    def query_loss(self, items: torch.Tensor, sample: int = 256) -> torch.Tensor:
+    def _rows(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """Rows of a scored table (every item, or the sample ``ids``) that are catalog items."""
+        return self.catalog.nonzero().squeeze(1) if ids is None else self.catalog[ids].nonzero().squeeze(1)
+
+    def query_loss(self, items: torch.Tensor, sample: int = 256, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-modal retrieval from query content, as served (TrainedFusion.user_vector, no history):
         an item's content in ONE random modality, fused alone, goes through the user tower's query path
-        and must rank that item first among all items (softmax). This trains ``UserTower.query_out``
+        and must rank that item first among the scored items (softmax). This trains ``UserTower.query_out``
         to fill the blocks a one-modality query lacks, so a text query scores image and audio too.
 
         Args:
-            items: (n_items, dim) fused item vectors as scored (``item_vectors``).
+            items: (c, dim) fused item vectors as scored (``batch_items``): every item, or the items ``ids``.
         """
         mods = self.item_tower.modalities
-        rows = self.catalog.nonzero().squeeze(1)
+        rows = self._rows(ids)
         if not mods or not len(rows):
             return torch.zeros(())
-        idx = rows[torch.randperm(len(rows))[:sample]]
+        pos = rows[torch.randperm(len(rows))[:sample]]  # rows of ``items``
+        idx = pos if ids is None else ids[pos]  # item ids
         pick = torch.randint(len(mods), (len(idx),))
         present = {m: (pick == k) & self.present[m][idx] for k, m in enumerate(mods)}
         no_id = torch.zeros(len(idx), dtype=torch.bool)
@@ -149,15 +231,17 @@ class FusionNet(nn.Module):
         user = self.user_tower(empty, torch.zeros(len(idx), 1, dtype=torch.bool), query.reshape(len(idx), -1))
         if self.cfg.normalize:
             user = nn.functional.normalize(user, dim=-1)
-        logits = (user @ items.T / self.cfg.temperature).masked_fill(~self.catalog, -torch.inf)
-        return nn.functional.cross_entropy(logits, idx)
+        catalog = self.catalog if ids is None else self.catalog[ids]
+        logits = (user @ items.T / self.cfg.temperature).masked_fill(~catalog, -torch.inf)
+        return nn.functional.cross_entropy(logits, pos)
 
-    def align_loss(self, blocks: torch.Tensor, sample: int = 512) -> torch.Tensor:
-        """InfoNCE between an item's content blocks (pairs of modalities), on a random item sample."""
+    def align_loss(self, blocks: torch.Tensor, sample: int = 512, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """InfoNCE between an item's content blocks (pairs of modalities), on a random sample of the scored
+        items (``blocks``: every item, or the items ``ids``)."""
         parts = self.item_tower.modalities
         if len(parts) < 2:
             return torch.zeros(())
-        rows = self.catalog.nonzero().squeeze(1)  # items held out of training are held out here too
+        rows = self._rows(ids)  # items held out of training are held out here too
         idx = rows[torch.randperm(len(rows))[:sample]]
         z = nn.functional.normalize(blocks[idx, : len(parts)], dim=-1)  # (s, M, d)
         loss, pairs = torch.zeros(()), 0
@@ -182,11 +266,12 @@ def _stack_normalised(features: list[np.ndarray], rows: np.ndarray) -> np.ndarra
 
 def _item_graph(data: InteractionData, cfg: TrainConfig, content_mods: list[str], known: torch.Tensor,
                 catalog: torch.Tensor) -> torch.Tensor:
-    """(n_items, n_items) item-item operator from the train split: co-occurrence, blended FREEDOM-style with a
-    frozen kNN graph over ``content_mods`` (the variant's own content; none = co-occurrence only)."""
+    """(n_items, n_items) sparse CSR item-item operator from the train split: co-occurrence top-k, blended
+    FREEDOM-style with a frozen kNN graph over ``content_mods`` (the variant's own content; none = co-occurrence
+    only); O(n_items · k) entries."""
     graph = cooccurrence_graph(data.train, data.n_users, data.n_items, cfg.cooc_k)
     if content_mods and cfg.content_graph_weight > 0:
         content = content_knn_graph(_stack_normalised([data.features[m] for m in content_mods], catalog.numpy()),
                                     cfg.content_k, known.numpy(), catalog.numpy())
-        graph = ((1 - cfg.content_graph_weight) * graph + cfg.content_graph_weight * content).coalesce()
-    return maybe_dense(graph)
+        graph = (1 - cfg.content_graph_weight) * graph + cfg.content_graph_weight * content
+    return to_torch(graph)

@@ -1,4 +1,5 @@
-"""LightGCN baseline: per-user and per-item embeddings smoothed over the user-item graph (evaluated, never served)."""
+"""LightGCN baseline: per-user and per-item embeddings smoothed over the sparse user-item graph (evaluated, never
+served)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from torch import nn
 
 from fusionrec.fusion.train.config import TrainConfig, VariantConfig
 from fusionrec.fusion.train.data import InteractionData
-from fusionrec.fusion.train.graph import bipartite_graph, maybe_dense
+from fusionrec.fusion.train.graph import bipartite_graph, to_torch
 
 
 class LightGCNNet(nn.Module):
@@ -28,20 +29,22 @@ class LightGCNNet(nn.Module):
                   known_items: np.ndarray | None = None) -> "LightGCNNet":
         """LightGCN over the user-item graph of ``data.train`` (``variant`` and ``known_items`` unused)."""
         adj = bipartite_graph(data.train, data.n_users, data.n_items)
-        return cls(data.n_users, data.n_items, maybe_dense(adj), cfg)
+        return cls(data.n_users, data.n_items, to_torch(adj), cfg)
 
     def propagated(self) -> torch.Tensor:
         """(n_users + n_items, block_dim) embeddings averaged over ``layers`` graph hops (users first)."""
         x, out = self.emb.weight, self.emb.weight
         for _ in range(self.layers):
-            x = self.adj @ x
+            x = torch.sparse.mm(self.adj, x)
             out = out + x
         return out / (self.layers + 1)
 
     def scores(self, users: torch.Tensor, hist: torch.Tensor, hist_mask: torch.Tensor,
-               items: torch.Tensor | None = None) -> torch.Tensor:
-        """(b,) users -> (b, n_items) scores (history and ``items`` unused: users have their own embeddings)."""
+               items: torch.Tensor | None = None, candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """(b,) users -> (b, n_items) scores, or (b, c) for the item ids ``candidates`` (history and ``items``
+        unused: users have their own embeddings)."""
         emb = self.propagated()
         if self.cfg.normalize:
             emb = nn.functional.normalize(emb, dim=-1)
-        return emb[users] @ emb[self.n_users:].T / self.cfg.temperature
+        item_rows = emb[self.n_users:] if candidates is None else emb[self.n_users + candidates]
+        return emb[users] @ item_rows.T / self.cfg.temperature

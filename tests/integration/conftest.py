@@ -61,7 +61,8 @@ def service(tmp_path_factory):
     trace.start()
     db = tmp_path_factory.mktemp("milvus") / "items.db"
     content = tmp_path_factory.mktemp("content")  # kept raw content (content retention)
-    overrides = {"server": {"port": port}, "store": {"uri": str(db), "content_uri": str(content)}}
+    # metrics_port 0: a free port (service.info["metrics_port"]), never the fixed default 9464
+    overrides = {"server": {"port": port, "metrics_port": 0}, "store": {"uri": str(db), "content_uri": str(content)}}
     running = start(default_config(), overrides=overrides, num_cpus=2)
     running.overrides = overrides
     trace.join(timeout=60)

@@ -8,11 +8,9 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-from grpc_health.v1 import health_pb2
 from ray.serve._private.common import ReplicaState
 
-from fusionrec.gateway.health import HealthWatcher, deployment_probe, live_replicas, watch_deployments
-from fusionrec.gateway.server import SERVICE_NAME, FrontDoorHealth, set_serving
+from fusionrec.gateway.health import HealthWatcher, deployment_probe, live_replicas
 
 
 class _Fakes:
@@ -110,44 +108,7 @@ def test_live_replicas_reads_serve_status():
     assert live_replicas(status, "other", "Retrieval") == 0
 
 
-def test_deployment_probe_names_the_deployments_without_a_live_replica(monkeypatch):
-    from ray import serve
-
-    status = _status(default={"Retrieval": {"RUNNING": 1}, "Fusion": {"STARTING": 1}})
-    monkeypatch.setattr(serve, "status", lambda: status)
-    probe = deployment_probe([("default", "Retrieval"), ("default", "Fusion"), ("default", "TextEncoder")])
-    assert asyncio.run(probe()) == ["Fusion", "TextEncoder"]
-
-
-def test_watch_deployments_drives_the_front_door_health(monkeypatch):
-    from ray import serve
-
-    states = {"Retrieval": {"RUNNING": 1}}
-    monkeypatch.setattr(serve, "status", lambda: _status(default=states))
-    handles = [SimpleNamespace(app_name="default", deployment_name="Retrieval")]
-
-    async def run():
-        health = FrontDoorHealth()
-        await set_serving(health, False)
-        watcher = watch_deployments(handles, health)
-        seen = [await watcher.step()]
-        await set_serving(health, True)  # start-up completes
-        states["Retrieval"] = {"STARTING": 1}
-        seen.append(await watcher.step())
-        reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), None)
-        states["Retrieval"] = {"RUNNING": 1}
-        seen.append(await watcher.step())
-        again = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), None)
-        return seen, reply.status, again.status
-
-    seen, down, back = asyncio.run(run())
-    assert seen == [None, False, True]
-    assert (down, back) == (health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING)
-
-
-def test_deployment_probe_makes_one_controller_call_at_a_time(monkeypatch):
-    from ray import serve
-
+def test_deployment_probe_makes_one_controller_call_at_a_time():
     calls, gate = [], threading.Event()
 
     def slow_status():
@@ -155,8 +116,7 @@ def test_deployment_probe_makes_one_controller_call_at_a_time(monkeypatch):
         gate.wait(10)
         return _status(default={"Retrieval": {"RUNNING": 1}})
 
-    monkeypatch.setattr(serve, "status", slow_status)
-    probe = deployment_probe([("default", "Retrieval")])
+    probe = deployment_probe([("default", "Retrieval")], read_status=slow_status)
 
     async def run():
         for _ in range(3):  # the watcher times each probe out; the hung call is not repeated

@@ -27,26 +27,14 @@ from fusionrec.gateway.pipeline import Recommender
 from fusionrec.gateway.errors import status_of, to_status
 from fusionrec.gateway.server import SERVICE_NAME, create_server
 from fusionrec.gateway.service import RecommenderServicer
-
-
-class _Loop(threading.Thread):
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.loop = asyncio.new_event_loop()
-
-    def run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+from loop_support import LoopThread
 
 
 @contextlib.contextmanager
 def _serving(cfg: ServerConfig, servicer=None, started: bool = True):
     """A front door on its own loop; `started` marks start-up complete with health left NOT_SERVING.
     Default servicer: no deployments behind it, so a request must be answered before a handle is needed."""
-    loop = _Loop()
+    loop = LoopThread()
     loop.start()
     if servicer is None:
         servicer = RecommenderServicer(Recommender({}, None, None, LimitsConfig(), cfg), cfg.default_deadline_ms)
