@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run serve test test-unit test-integration proto proto-check proto-lint proto-baseline wheel-check clean eval bench bench-gpu bench-train observe
+.PHONY: install run serve test test-unit test-integration proto proto-check proto-lint proto-baseline wheel-check clean eval bench bench-gpu bench-train observe prometheus-bin
 
 install: $(STAMP)
 
@@ -39,7 +39,11 @@ proto-baseline: install
 		| $(CURDIR)/$(PY) -c "import json, sys; print(json.dumps(json.load(sys.stdin), indent=1, sort_keys=True))" \
 		> api-baseline.json
 
-test: install proto-check
+# tests/integration/test_metrics_prometheus.py runs a real Prometheus server (Debian's package, 2.42).
+prometheus-bin:
+	@command -v prometheus > /dev/null || (apt-get update -qq && apt-get install -y -qq prometheus)
+
+test: install proto-check prometheus-bin
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: install
@@ -73,8 +77,7 @@ wheel-check: install
 # A real Prometheus (Debian: apt-get install -y prometheus) scraping a running `make run` / `fusionrec serve`
 # at 127.0.0.1:9464 with deploy/prometheus.yml; its UI and query API at http://127.0.0.1:$(PROMETHEUS_PORT).
 PROMETHEUS_PORT ?= 9090
-observe:
-	@command -v prometheus > /dev/null || { echo "prometheus is not installed: apt-get install -y prometheus"; exit 1; }
+observe: prometheus-bin
 	prometheus --config.file=deploy/prometheus.yml --storage.tsdb.path=.fusionrec/prometheus \
 		--web.listen-address=127.0.0.1:$(PROMETHEUS_PORT)
 

@@ -18,6 +18,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def secret(value: str, env_name: str, setting: str) -> str:
+    """``value``, or the environment variable ``env_name`` when one is named (it must then be set and non-empty)."""
+    if not env_name:
+        return value
+    found = os.environ.get(env_name, "")
+    if not found:
+        raise ValueError(f"{setting} names {env_name!r}, which is unset or empty in this replica's environment "
+                         "(set it in runtime_env.env_vars or the pod's env)")
+    return found
+
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -83,13 +94,7 @@ class ServerConfig(_Strict):
 
     def token(self) -> str:
         """The bearer token callers must send ('' = none); from auth_token_env when named, which must be set."""
-        if not self.auth_token_env:
-            return self.auth_token
-        value = os.environ.get(self.auth_token_env, "")
-        if not value:
-            raise ValueError(f"server.auth_token_env names {self.auth_token_env!r}, which is unset or empty in the "
-                             "Gateway's environment (set it in runtime_env.env_vars or the pod's env)")
-        return value
+        return secret(self.auth_token, self.auth_token_env, "server.auth_token_env")
 
 
 class LimitsConfig(_Strict):
@@ -136,6 +141,8 @@ class StoreConfig(_Strict):
     uri: str = Field("", description="Milvus Lite file (*.db, one owner process) or a Milvus server URI "
                                      "(http://host:19530); empty: $FUSIONREC_HOME/milvus.db (.fusionrec/milvus.db).")
     token: str = Field("", description="Milvus server token (user:password), if any.")
+    token_env: str = Field("", description="Name of an environment variable holding the Milvus token instead "
+                                           "(keeps the secret out of the Serve config).")
     items_collection: str = Field("items")
     interactions_collection: str = Field("interactions")
     search_backend: Literal["auto", "memory", "milvus"] = Field(
@@ -173,6 +180,8 @@ class StoreConfig(_Strict):
         if self.search_backend == "memory" and not self.is_lite:
             raise ValueError("store.search_backend 'memory' needs a Milvus Lite file (one owner process); with a "
                              "server the Retrieval replicas share the data and search it there: use 'auto' or 'milvus'")
+        if self.token and self.token_env:
+            raise ValueError("set store.token or store.token_env, not both")
         return self
 
     def resolved(self) -> "StoreConfig":

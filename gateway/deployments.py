@@ -16,7 +16,7 @@ from ray.serve.handle import DeploymentHandle
 from fusionrec.encoders.base import InvalidContent
 from fusionrec.encoders.registry import get_encoder
 from fusionrec.fusion.registry import get_fusion_model
-from fusionrec.gateway.config import EncoderConfig, EncoderUserConfig, FusionConfig, StoreConfig
+from fusionrec.gateway.config import EncoderConfig, EncoderUserConfig, FusionConfig, StoreConfig, secret
 from fusionrec.gateway.metrics_cluster import EncoderLoad, StoreProgress
 from fusionrec.core.errors import FailedPrecondition
 from fusionrec.retrieval.base import InteractionEvent, StoredItem, StoreSchema
@@ -198,7 +198,8 @@ class RetrievalDeployment:
         schema = StoreSchema(modality_dims=dims, fused_dim=fusion_info["dim"],
                              encoder_versions=versions, model_version=fusion_info["version"])
         self.engine = await asyncio.to_thread(
-            RetrievalEngine.open, cfg.uri, schema, token=cfg.token, items_collection=cfg.items_collection,
+            RetrievalEngine.open, cfg.uri, schema, token=secret(cfg.token, cfg.token_env, "store.token_env"),
+            items_collection=cfg.items_collection,
             interactions_collection=cfg.interactions_collection, search_backend=cfg.search_backend,
             index_params=cfg.index_params, flush_every_rows=cfg.flush_every_rows,
             content=open_content_store(cfg.content_uri) if cfg.retain_content else None,

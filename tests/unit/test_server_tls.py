@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from fusionrec.client import Client, ServiceError, UnauthenticatedError
-from fusionrec.gateway.config import LimitsConfig, ServerConfig
+from fusionrec.gateway.config import LimitsConfig, ServerConfig, StoreConfig, secret
 from fusionrec.gateway.pipeline import Recommender
 from fusionrec.gateway.server import create_server, server_credentials
 from fusionrec.gateway.service import RecommenderServicer
@@ -72,6 +72,12 @@ def test_bad_tls_and_token_settings_fail_loudly(tmp_path, monkeypatch):
     monkeypatch.delenv("FUSIONREC_UNSET_TOKEN", raising=False)
     with pytest.raises(ValueError, match="unset or empty"):
         ServerConfig(auth_token_env="FUSIONREC_UNSET_TOKEN").token()
+    with pytest.raises(ValueError, match="store.token_env names 'FUSIONREC_UNSET_TOKEN'"):
+        secret("", "FUSIONREC_UNSET_TOKEN", "store.token_env")
+    monkeypatch.setenv("FUSIONREC_MILVUS_TOKEN", "root:Milvus")
+    assert secret("", "FUSIONREC_MILVUS_TOKEN", "store.token_env") == "root:Milvus"
+    with pytest.raises(ValueError, match="not both"):
+        StoreConfig(token="a:b", token_env="FUSIONREC_MILVUS_TOKEN")
     with pytest.raises(ValueError, match="cannot read"):
         server_credentials(ServerConfig(tls_cert_file=str(tmp_path / "missing.pem"), tls_key_file="k.pem"))
 
