@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import threading
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from ray import serve
@@ -301,13 +302,19 @@ class RetrievalDeployment:
         if info["version"] == self.schema.model_version:
             return {"model_version": info["version"], "items": 0, "changed": False}
         model = await self.fusion.model.remote(info["version"])
-        model = self.progress.reindexing("reindex", await asyncio.to_thread(self.engine.count), model)
-        try:  # in a worker thread: searches keep reading the old vectors until the store switches
-            n = await asyncio.to_thread(self.engine.reindex, model, batch_size)
+        n = await self._rebuild("reindex", self.engine.reindex, model, batch_size)
+        return {"model_version": info["version"], "items": n, "changed": True}
+
+    async def _rebuild(self, kind: str, rebuild: Callable[[Any, int], int], model: Any, batch_size: int) -> int:
+        """Every fused vector recomputed with ``model`` by ``rebuild`` (a re-index or a swap commit), in a worker
+        thread: searches keep reading the old vectors until the store switches. Progress goes to /metrics."""
+        counted = self.progress.reindexing(kind, await asyncio.to_thread(self.engine.count), model)
+        try:
+            n = await asyncio.to_thread(rebuild, counted, batch_size)
         finally:
             self.progress.reindex_finished()
         settle_heap()
-        return {"model_version": info["version"], "items": n, "changed": True}
+        return n
 
     def record_interactions(self, events: list[InteractionEvent]) -> int:
         return self.engine.record_interactions(events)
@@ -341,12 +348,7 @@ class RetrievalDeployment:
     async def commit_swap(self, modality: str, model_version: str, batch_size: int = 1000) -> dict[str, Any]:
         """Switch ``modality`` to its shadow vectors, fused with loaded fusion model ``model_version``."""
         model = await self.fusion.model.remote(model_version)
-        model = self.progress.reindexing("swap_commit", await asyncio.to_thread(self.engine.count), model)
-        try:
-            n = await asyncio.to_thread(self.engine.commit_swap, modality, model, batch_size)
-        finally:
-            self.progress.reindex_finished()
-        settle_heap()
+        n = await self._rebuild("swap_commit", functools.partial(self.engine.commit_swap, modality), model, batch_size)
         return {"model_version": model.version, "items": n, "encoder_versions": dict(self.schema.encoder_versions)}
 
     async def training_snapshot(self, swapping: str | None = None) -> dict[str, Any]:

@@ -137,22 +137,28 @@ def stored_schema(conn: MilvusConnection, name: str, desc: dict) -> StoreSchema:
         ) from e
 
 
-def _check_items(conn: MilvusConnection, names: CollectionNames, active: str, schema: StoreSchema,
-                 accept_stored_model: bool) -> StoreSchema:
-    c = conn.client
-    desc = c.describe_collection(active)
-    stored = stored_schema(conn, active, desc)
+def reconcile_schema(conn: MilvusConnection, names: CollectionNames, collection: str, stored: StoreSchema,
+                     schema: StoreSchema, accept_stored_model: bool, called: str = "") -> StoreSchema:
+    """``schema`` as the store will be opened with, given what ``collection`` holds (``stored``): with
+    ``accept_stored_model``, a fused space that alone differs is taken as stored (the owner re-indexes,
+    see reindex); any other difference raises SchemaMismatch with advice. ``called``: how callers name
+    the collection (an alias), for the message."""
     if accept_stored_model and not modality_differences(stored, schema):
-        # Only the fused space differs: open as stored; the owner re-indexes (see reindex).
         schema = replace(schema, fused_dim=stored.fused_dim, model_version=stored.model_version)
     diffs = schema_differences(stored, schema)
     if diffs:
         raise SchemaMismatch(
-            f"Milvus collection '{active}' at {conn.where} holds "
-            f"vectors written with another encoder/model configuration than this one:\n"
-            + "".join(f"  - {d}\n" for d in diffs)
-            + mismatch_advice(names, active, bool(modality_differences(stored, schema)))
-        )
+            f"Milvus collection '{collection}'{called} at {conn.where} holds vectors written with another "
+            "encoder/model configuration than this one:\n" + "".join(f"  - {d}\n" for d in diffs)
+            + mismatch_advice(names, collection, bool(modality_differences(stored, schema))))
+    return schema
+
+
+def _check_items(conn: MilvusConnection, names: CollectionNames, active: str, schema: StoreSchema,
+                 accept_stored_model: bool) -> StoreSchema:
+    c = conn.client
+    desc = c.describe_collection(active)
+    schema = reconcile_schema(conn, names, active, stored_schema(conn, active, desc), schema, accept_stored_model)
     if not c.has_collection(names.mvec):
         raise SchemaMismatch(
             f"Milvus collection '{names.mvec}' (per-modality vectors of "

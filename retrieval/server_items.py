@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from fusionrec.retrieval.base import SchemaMismatch, StoreSchema
@@ -32,7 +32,7 @@ from fusionrec.retrieval.item_collections import (
     REINDEX_SEP,
     CollectionNames,
     items_properties,
-    mismatch_advice,
+    reconcile_schema,
     stored_schema,
 )
 from fusionrec.retrieval.layout import (
@@ -47,7 +47,6 @@ from fusionrec.retrieval.layout import (
     items_schema,
     marker_schema,
 )
-from fusionrec.retrieval.schema_meta import modality_differences, schema_differences
 from fusionrec.retrieval.server_lock import RebuildLock
 
 logger = logging.getLogger(__name__)
@@ -115,14 +114,7 @@ class ServerItems:
                 self.lock.release()
         target = self._alias_target()
         stored = stored_schema(self.conn, target, self.conn.client.describe_collection(target))
-        if accept_stored_model and not modality_differences(stored, schema):
-            schema = replace(schema, fused_dim=stored.fused_dim, model_version=stored.model_version)
-        diffs = schema_differences(stored, schema)
-        if diffs:
-            raise SchemaMismatch(
-                f"Milvus collection '{target}' (alias '{self.alias}') at {self.conn.where} holds vectors written "
-                "with another encoder/model configuration than this one:\n" + "".join(f"  - {d}\n" for d in diffs)
-                + mismatch_advice(self.names, target, bool(modality_differences(stored, schema))))
+        reconcile_schema(self.conn, self.names, target, stored, schema, accept_stored_model, f" (alias '{self.alias}')")
         self.conn.load(target)
         self.target, self.schema, self._checked_at = target, stored, time.monotonic()
         return stored

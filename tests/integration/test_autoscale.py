@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 ENCODER = "ImageEncoder"
 #: Short windows so that a test sees both directions in well under a minute (deploy/local.yaml keeps
-#: Serve's default 10 s metrics push and 30 s look-back, and a 5 s downscale delay).
+#: Serve's default 10 s metrics push and 30 s look-back, and a 30 s downscale delay).
 FAST = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0.5,
         "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 2}
 
