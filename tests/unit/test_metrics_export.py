@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -35,6 +36,17 @@ class _HeldServicer(RecommenderServicer):
         self.release = self.release or asyncio.Event()
         await self.release.wait()
         return pb.Item(item_id=request.item_id)
+
+
+def scrape_settled(port: int, n_series: int) -> dict[str, dict[tuple, float]]:
+    """A scrape once ``fusionrec_rpc_requests_total`` has ``n_series`` series (≤ 10 s): an abort's status
+    reaches the caller a moment before the server's interceptors record it."""
+    deadline = time.monotonic() + 10
+    samples = scrape(port)
+    while len(samples.get("fusionrec_rpc_requests_total", {})) < n_series and time.monotonic() < deadline:
+        time.sleep(0.05)
+        samples = scrape(port)
+    return samples
 
 
 def scrape(port: int) -> dict[str, dict[tuple, float]]:
@@ -123,7 +135,7 @@ def test_front_door_counts_codes_and_refusals_by_reason():
             grpc.StatusCode.RESOURCE_EXHAUSTED
         loop.loop.call_soon_threadsafe(servicer.release.set)
         assert held.result().item_id == "a"
-        samples = scrape(port)
+        samples = scrape_settled(port, 3)
     requests = samples["fusionrec_rpc_requests_total"]
     assert requests[(("code", "INVALID_ARGUMENT"), ("method", "Recommend"))] == 1
     assert requests[(("code", "OK"), ("method", "GetItem"))] == 1
@@ -139,7 +151,7 @@ def test_refusals_before_start_up_and_without_token():
         assert _code(lambda: stub.Recommend(req, timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
         meta = (("authorization", "Bearer s3cret"),)
         assert _code(lambda: stub.Recommend(req, timeout=10, metadata=meta)) == grpc.StatusCode.UNAVAILABLE
-        samples = scrape(port)
+        samples = scrape_settled(port, 2)
     assert samples["fusionrec_rejected_requests_total"] == {
         (("method", "Recommend"), ("reason", "unauthenticated")): 1,
         (("method", "Recommend"), ("reason", "starting_up")): 1}
