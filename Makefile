@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run serve test test-unit test-integration proto proto-check proto-lint proto-baseline wheel-check clean eval bench bench-gpu bench-train observe prometheus-bin
+.PHONY: install run serve test test-unit test-integration proto proto-check proto-lint proto-baseline wheel-check clean eval bench bench-gpu bench-train observe prometheus-bin reliability
 
 install: $(STAMP)
 
@@ -52,9 +52,11 @@ test-unit: install
 test-integration: install
 	$(PY) -m pytest -q tests/integration
 
-# The whole performance harness in one run (~23 min, the autoscaling ramp included): bench/results/summary.json + PNGs.
+# The whole performance harness in one run (~23 min, the autoscaling ramp included): bench/results/summary.json + PNGs;
+# then Recommend with and without the ranking stage at 100k items (bench/results/ranking.json, ~5 min).
 bench: install
 	$(VENV)/bin/fusionrec bench all
+	$(VENV)/bin/fusionrec bench ranking
 
 # Encoders on CUDA with fractional GPUs (deploy/gpu.yaml), same ratios; needs a GPU machine.
 bench-gpu: install
@@ -84,7 +86,9 @@ observe: prometheus-bin
 clean:
 	rm -rf .fusionrec
 
-# Trains every variant on lfm2k (3 seeds for the full model) and writes reports/quality/lfm2k.{json,md,png}.
+# Trains every variant on lfm2k (3 seeds each: the full model, the ablations, the other user tower, LightGCN), tests the
+# full model against its best single modality and best peer (paired over users), writes reports/quality/lfm2k.{json,md,png}.
+# An interrupted run resumes: finished training jobs are kept in .fusionrec/cache/quality-jobs.
 eval: install
 	$(VENV)/bin/fusionrec evaluate --dataset lfm2k
 
@@ -92,3 +96,9 @@ eval: install
 # seconds per epoch, graph build, peak RSS -> bench/results/train_scale.json.
 bench-train: install
 	$(VENV)/bin/fusionrec bench train
+
+# Hostile input, kill -9 of every deployment's replica and of the whole tree under load, 2x overload and a
+# 10-minute soak on a fresh service (~20 min): reports/reliability.{json,md,png}. SOAK_S=60 for a short run.
+SOAK_S ?= 600
+reliability: install
+	$(VENV)/bin/fusionrec bench reliability --soak-s $(SOAK_S) --out-dir reports

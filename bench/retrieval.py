@@ -1,4 +1,4 @@
-"""Retrieval benchmark: search latency and recall@100 of the in-memory index vs Milvus Lite.
+"""Retrieval benchmark: search latency and recall@100 of the in-memory index, Milvus Lite and a Milvus server.
 
 ``run()`` builds catalogs of realistic vectors (clustered, low-rank plus noise,
 unit-normalised) at each size, measures batch-1 latency (p50/p99), latency and QPS from
@@ -6,7 +6,10 @@ concurrent threads, and recall@100 against exact search, with and without a ~5 %
 selectivity filter, for both search backends of MilvusStore, plus insert/build time and
 memory. Milvus Lite 3.2.2 is measured only up to ``milvus_max_size`` (its inserts run at
 ~2-5k rows/s, so 1M rows would take most of an hour); the 1M in-memory index is built
-directly (no Milvus) in chunks, and stops early when the time budget would be exceeded.
+directly (no Milvus) in chunks within its own stage's budget, and stops early when the
+next chunk would overrun it. The exact truth is kept as a running top-k, so a 1M catalog
+exists once (in the index). A real Milvus server (bench/retrieval_server.py) is measured
+at ``server_sizes`` too: its inserts, its own HNSW build and its searches.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 import psutil
 
 from fusionrec.core.paths import results_dir
+from fusionrec.retrieval.ann import VectorIndex
 from fusionrec.retrieval.base import FilterSpec, StoredItem, StoreSchema
 from fusionrec.retrieval.mirror import ItemMirror
 
@@ -63,15 +67,44 @@ def _genres(n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, N_GENRES, n)
 
 
-def _exact_topk(x: np.ndarray, queries: np.ndarray, k: int, mask: np.ndarray | None) -> list[set[int]]:
-    out = []
-    for start in range(0, len(queries), 64):
-        s = queries[start : start + 64] @ x.T
+class _TopK:
+    """Running exact top-k (inner product) of fixed queries over rows that arrive in chunks: the truth
+    for recall without keeping a second copy of a 1M-row catalog."""
+
+    def __init__(self, queries: np.ndarray, k: int) -> None:
+        self.queries, self.k = queries, k
+        self.scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+        self.rows = np.zeros((len(queries), 0), dtype=np.int64)
+
+    def add(self, x: np.ndarray, offset: int, mask: np.ndarray | None = None) -> "_TopK":
+        s = self.queries @ x.T
         if mask is not None:
             s[:, ~mask] = -np.inf
-        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-        out.extend(set(r.tolist()) for r in part)
-    return out
+        scores = np.concatenate([self.scores, s], axis=1)
+        rows = np.concatenate([self.rows, np.broadcast_to(offset + np.arange(len(x)), s.shape)], axis=1)
+        keep = np.argpartition(-scores, min(self.k, scores.shape[1]) - 1, axis=1)[:, : self.k]
+        self.scores = np.take_along_axis(scores, keep, axis=1)
+        self.rows = np.take_along_axis(rows, keep, axis=1)
+        return self
+
+    def sets(self) -> list[set[int]]:
+        return [set(r[np.isfinite(s)].tolist()) for r, s in zip(self.rows, self.scores)]
+
+
+def _truths(queries: np.ndarray) -> dict[bool, _TopK]:
+    """filtered -> running truth (filtered: genre g07 only)."""
+    return {False: _TopK(queries, K), True: _TopK(queries, K)}
+
+
+def _chunks(size: int, source: "VectorSource", rng: np.random.Generator, truth: dict[bool, _TopK],
+            chunk: int = 100_000):
+    """(offset, vectors, genres) chunks of a size-row catalog, each added to ``truth`` on the way."""
+    for offset in range(0, size, chunk):
+        n = min(chunk, size - offset)
+        x, g = source.sample(n, rng), _genres(n, rng)
+        truth[False].add(x, offset)
+        truth[True].add(x, offset, g == 7)
+        yield offset, x, g
 
 
 def _latencies(search: Callable[[np.ndarray], list[int]], queries: np.ndarray) -> tuple[list[float], list[list[int]]]:
@@ -144,11 +177,11 @@ def _milvus_size(size, dim, x, genres, queries, threads, n_milvus_q, workdir, sa
             "rss_delta_mb": _rss_mb() - rss0}
     row_of = {i: n for n, i in enumerate(ids)}
     to_rows = lambda r: [row_of[i] for i in r]  # noqa: E731
-    mask = genres == 7
+    truths = {False: _TopK(queries, K).add(x, 0).sets(), True: _TopK(queries, K).add(x, 0, genres == 7).sets()}
     rows = []
     for filtered in (False, True):
         f = FILTER if filtered else None
-        truth = _exact_topk(x, queries, K, mask if filtered else None)
+        truth = truths[filtered]
         for name, st, nq in (("memory", mem, len(queries)), ("milvus", store, n_milvus_q)):
             search = lambda q, st=st, f=f: [c.item_id for c in st.search(q, K, filters=f)]  # noqa: E731
             rows.append(_measure(name, size, search, queries[:nq], truth[:nq], to_rows, threads, filtered))
@@ -158,41 +191,34 @@ def _milvus_size(size, dim, x, genres, queries, threads, n_milvus_q, workdir, sa
     return rows, info
 
 
-def _memory_only_size(size, dim, source, rng, queries, threads, deadline, say) -> tuple[list[dict], dict]:
-    """Build the in-memory mirror directly in chunks (no Milvus), stop early near the deadline."""
+def _memory_only_size(size, dim, source, rng, queries, threads, budget_s, say) -> tuple[list[dict], dict]:
+    """Build the in-memory mirror directly in chunks (no Milvus); stops early when the next chunk would
+    take the time spent in the index past ``budget_s`` (drawing vectors and the exact truth do not
+    count: they are the benchmark's, not the index's). Only the mirror holds the vectors."""
     mirror = ItemMirror(dim)
-    chunk = 100_000
-    xs, gs = [], []
+    truth = _truths(queries)
     rss0 = _rss_mb()
     t0 = time.perf_counter()
-    built = 0
-    while built < size:
-        n = min(chunk, size - built)
-        x = source.sample(n, rng)
-        g = _genres(n, rng)
+    built, build_s = 0, 0.0
+    for offset, x, g in _chunks(size, source, rng, truth):
         t = time.perf_counter()
-        mirror.upsert([f"it{built + i}" for i in range(n)], x, [{"genre": f"g{v:02d}"} for v in g])
-        xs.append(x)
-        gs.append(g)
-        built += n
+        mirror.upsert([f"it{offset + i}" for i in range(len(x))], x, [{"genre": f"g{v:02d}"} for v in g])
         per_chunk = time.perf_counter() - t
-        say(f"  built {built}/{size} in {time.perf_counter() - t0:.0f}s")
-        if built < size and time.perf_counter() + 1.15 * per_chunk * (1 + built / size) + 60 > deadline:
+        build_s += per_chunk
+        built = offset + len(x)
+        del x
+        say(f"  built {built}/{size}: {build_s:.0f}s in the index ({time.perf_counter() - t0:.0f}s with sampling)")
+        if built < size and build_s + 1.15 * per_chunk * (1 + built / size) > budget_s:
             say(f"  stopping at {built} rows: the next chunk would overrun the time budget")
             break
-    build_s = time.perf_counter() - t0
-    x = np.concatenate(xs)
-    genres = np.concatenate(gs)
-    del xs, gs
     info = {"size": size, "built": built, "memory_build_s": build_s, "memory_mb": mirror.memory_bytes() / 2**20,
-            "rss_delta_mb": _rss_mb() - rss0}
-    mask = genres == 7
+            "rss_delta_mb": _rss_mb() - rss0, "index_params": VectorIndex(dim).params}
     rows = []
     for filtered in (False, True):
         f = FILTER if filtered else None
-        truth = _exact_topk(x, queries, K, mask if filtered else None)
         search = lambda q, f=f: [c.item_id for c in mirror.search(q, K, f)]  # noqa: E731
-        row = _measure("memory", built, search, queries, truth, lambda r: [int(i[2:]) for i in r], threads, filtered)
+        row = _measure("memory", built, search, queries, truth[filtered].sets(), lambda r: [int(i[2:]) for i in r],
+                       threads, filtered)
         row["requested_size"] = size
         rows.append(row)
         say("  " + _fmt(rows[-1]))
@@ -212,7 +238,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for backend in ("memory", "milvus"):
+    for backend in ("memory", "milvus", "milvus-server"):
         for filtered, style in ((False, "-o"), (True, "--s")):
             pts = sorted((r["size"], r["p99_ms"], r["recall_at_100"]) for r in rows
                          if r["backend"] == backend and r["filtered"] == filtered)
@@ -244,11 +270,11 @@ def _notes(dim: int, milvus_max_size: int, n_milvus_queries: int) -> list[str]:
 def _measure_sizes(sizes: tuple[int, ...], dim: int, source: VectorSource, rng: np.random.Generator,
                    queries: np.ndarray, threads: int, n_milvus_queries: int, milvus_max_size: int,
                    budget_s: float, notes: list[str], say: Progress) -> tuple[list[dict], list[dict]]:
-    """Every size in turn: Milvus Lite + both backends up to milvus_max_size, the in-memory index alone above.
+    """Every size in turn: Milvus Lite + both backends up to milvus_max_size, the in-memory index alone above
+    (its index build within ``budget_s``).
 
     Returns (rows, build); a size cut short by the time budget adds a line to ``notes``.
     """
-    deadline = time.perf_counter() + budget_s
     rows: list[dict] = []
     build: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="fusionrec-bench-") as workdir:
@@ -260,12 +286,39 @@ def _measure_sizes(sizes: tuple[int, ...], dim: int, source: VectorSource, rng: 
                 r, info = _milvus_size(size, dim, x, g, queries, threads, n_milvus_queries, workdir, say)
                 del x
             else:
-                r, info = _memory_only_size(size, dim, source, rng, queries, threads, deadline, say)
+                r, info = _memory_only_size(size, dim, source, rng, queries, threads, budget_s, say)
                 if info["built"] < size:
-                    notes.append(f"{size:,}: only {info['built']:,} rows fitted in the {budget_s:.0f}s budget")
+                    notes.append(f"{size:,}: only {info['built']:,} rows fitted in the {budget_s:.0f}s index budget")
             rows.extend(r)
             info["memory_mb_per_100k"] = info["memory_mb"] * 100_000 / max(1, info.get("built", size))
             build.append(info)
+            gc.collect()
+    return rows, build
+
+
+def _server_sizes(sizes: tuple[int, ...], dim: int, seed: int, threads: int, n_queries: int, budget_s: float,
+                  notes: list[str], say: Progress) -> tuple[list[dict], list[dict]]:
+    """The Milvus server's own figures (bench/retrieval_server.py), one fresh server per size, the same
+    vector distribution and queries as the in-memory rows (at ``dim``)."""
+    from fusionrec.bench.retrieval_server import server_size
+
+    source = VectorSource(dim, seed)
+    queries = source.sample(n_queries, np.random.default_rng(seed + 2))
+    rows: list[dict] = []
+    build: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="fusionrec-bench-server-") as workdir:
+        for size in sizes:
+            say(f"milvus server, size {size:,}, dim {dim}")
+            r, info = server_size(size, dim, source, np.random.default_rng(seed + 1), queries, threads, workdir,
+                                  budget_s, say)
+            if "skipped" in info:
+                notes.append(f"Milvus server stage skipped: {info['skipped']}")
+                return rows, build
+            if info["built"] < size:
+                notes.append(f"Milvus server {size:,}: only {info['built']:,} rows inserted in the "
+                             f"{budget_s:.0f}s budget")
+            rows.extend(r)
+            build.append(info | {"dim": dim})
             gc.collect()
     return rows, build
 
@@ -283,6 +336,14 @@ def _summary(rows: list[dict]) -> dict[str, float]:
     }
     if ("milvus", False) in ref:
         summary["retrieval_milvus_p99_ms"] = ref[("milvus", False)]["p99_ms"]
+    if ("milvus-server", False) in ref:
+        summary["retrieval_server_p99_ms"] = ref[("milvus-server", False)]["p99_ms"]
+        summary["retrieval_server_recall_at_100"] = ref[("milvus-server", False)]["recall_at_100"]
+    big = {(r["backend"], r["filtered"]): r for r in rows if r.get("requested_size", r["size"]) == 1_000_000}
+    for (backend, filtered), r in big.items():  # the 1M rows: in-memory index and the Milvus server
+        name = f"retrieval_1m_{backend.replace('-', '_')}{'_filtered' if filtered else ''}"
+        summary |= {f"{name}_recall_at_100": r["recall_at_100"], f"{name}_p99_ms": r["p99_ms"],
+                    f"{name}_rows": r["size"]}
     return summary
 
 
@@ -307,6 +368,10 @@ def run(
     threads: int = 8,
     milvus_max_size: int = 100_000,
     budget_s: float = 480.0,
+    server_sizes: tuple[int, ...] = (100_000, 1_000_000),
+    server_dim: int | None = None,
+    n_server_queries: int = 100,
+    server_budget_s: float = 900.0,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Measure both search backends at each size; writes retrieval.json and retrieval.png.
@@ -324,7 +389,12 @@ def run(
     notes = _notes(dim, milvus_max_size, n_milvus_queries)
     rows, build = _measure_sizes(sizes, dim, source, rng, queries, threads, n_milvus_queries, milvus_max_size,
                                  budget_s, notes, say)
-    result = {"date": time.strftime("%Y-%m-%d"), "dim": dim, "k": K, "threads": threads,
+    server_dim = server_dim or dim
+    if server_sizes:
+        r, b = _server_sizes(server_sizes, server_dim, seed, threads, n_server_queries, server_budget_s, notes, say)
+        rows += r
+        build += b
+    result = {"date": time.strftime("%Y-%m-%d"), "dim": dim, "server_dim": server_dim, "k": K, "threads": threads,
               "rows": rows, "build": build, "summary": _summary(rows), "notes": notes}
     (out_dir / "retrieval.json").write_text(json.dumps(result, indent=2))
     _plot(rows, out_dir / "retrieval.png")

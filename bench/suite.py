@@ -10,7 +10,7 @@ from typing import Callable
 
 from fusionrec.core.paths import shared_path
 from fusionrec.v1 import recommender_pb2 as pb
-from fusionrec.bench import encode, load, seed
+from fusionrec.bench import encode, load, openloop, seed
 from fusionrec.bench.floor import build_floor_app
 from fusionrec.bench.latency import system_memory_mb
 from fusionrec.cli.client import Client
@@ -69,8 +69,8 @@ def _seed(running: Running, client: Client, n_items: int, n_users: int,
     """Seed n_items synthetic items and n_users users: (user ids, modality dims, items/s)."""
     t1 = time.monotonic()
     dims = dict(retrieval_info(running.app_name)["modality_dims"])
-    users = seed.seed_catalog(client, n_items, n_users, dims, running.info["encoder_versions"],
-                              progress=progress("seed items", n_items) if progress else None)
+    users = seed.seed_store(client, running.app_name, n_items, n_users,
+                            progress=progress("seed items", n_items) if progress else None)
     return users, dims, n_items / (time.monotonic() - t1)
 
 
@@ -141,6 +141,9 @@ def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int 
         try:
             users, dims, summary["seed_items_per_s"] = _seed(running, client, n_items, n_users, progress)
             by_user, mixed = _recommend_curves(running.target, users, inputs, levels, duration_s, log)
+            # Open loop, Recommend by user and the floor deployed beside it, interleaved by rate.
+            summary.update(openloop.measure_with_floor(config, running.app_name, running.target, users, out_dir,
+                                                       n_items=n_items, log=log))
             summary["memory"] = system_memory_mb()
             efficiency = encode.efficiency(running.target, app_cfg, inputs, encode_items, dims,
                                            running.info["encoder_versions"], log)
@@ -157,6 +160,28 @@ def run_suite(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int 
         summary.update(_retrieval(retrieval_sizes, out_dir))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def run_openloop(config: Path, out_dir: Path, n_items: int = 100_000, n_users: int = 1000,
+                 rates: tuple[float, ...] = openloop.DEFAULT_RATES_QPS, duration_s: float = 10.0,
+                 bound_ms: float = openloop.DEFAULT_BOUND_MS, log: Log = print,
+                 progress: Progress | None = None) -> dict:
+    """`fusionrec bench openloop` alone: the real app on a fresh store with n_items synthetic items, the
+    floor beside it; the SLO figures also go into an existing summary.json."""
+    with tempfile.TemporaryDirectory(prefix="fusionrec-bench-") as tmp:
+        running, client, _ = _cold_start(config, Path(tmp) / "bench.db", log)
+        try:
+            users, _, per_s = _seed(running, client, n_items, n_users, progress)
+            log(f"seeded {n_items:,} items through the store path: {per_s:.0f} items/s")
+            headline = openloop.measure_with_floor(config, running.app_name, running.target, users, out_dir,
+                                                   rates=rates, duration_s=duration_s, bound_ms=bound_ms,
+                                                   n_items=n_items, log=log)
+        finally:
+            stop()
+    path = out_dir / "summary.json"
+    if path.exists():
+        path.write_text(json.dumps(json.loads(path.read_text()) | headline, indent=2))
+    return headline
 
 
 def _autoscale(config: Path, running: Running, inputs: dict[str, list], out_dir: Path, log: Log) -> dict:

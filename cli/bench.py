@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 from tqdm import tqdm
 
+from fusionrec.bench.reliability.processes import DEPLOYMENTS
 from fusionrec.cli.client import Client
 from fusionrec.core.paths import default_config, demo_dir, results_dir
 
@@ -63,10 +64,28 @@ def bench_all(config: Path = CONFIG, items: int = typer.Option(100_000, help="Sy
                         duration_s=duration_s, retrieval_sizes=tuple(_levels(retrieval_sizes)),
                         log=typer.echo, progress=_bar, autoscale=autoscale)
     keys = ("cold_start_s", "recommend_qps", "recommend_p99_ms", "recommend_knee", "floor_qps",
-            "recommend_to_floor_qps", "encode_efficiency", "retrieval_recall_at_100", "retrieval_p99_ms")
+            "recommend_to_floor_qps", "recommend_slo_qps", "floor_slo_qps", "recommend_to_floor_slo_qps",
+            "encode_efficiency", "retrieval_recall_at_100", "retrieval_p99_ms")
     for key in keys:
         typer.echo(f"{key:<26} {summary.get(key)}")
     typer.echo(f"wrote {out_dir / 'summary.json'}")
+
+
+@bench_app.command("openloop")
+def bench_openloop(config: Path = CONFIG, items: int = typer.Option(100_000, help="Synthetic catalog size."),
+                   users: int = 1000, rates: str = typer.Option("25,50,75,100,130,160,200,250,300,400",
+                                                                help="Offered rates (requests/s), ascending."),
+                   duration_s: float = 10.0, bound_ms: float = typer.Option(50.0, help="The p99 bound."),
+                   out_dir: Path = RESULTS) -> None:
+    """Open loop (Poisson arrivals): the highest rate within the p99 bound, Recommend by user vs the floor."""
+    from fusionrec.bench.suite import run_openloop
+
+    r = run_openloop(config, out_dir, n_items=items, n_users=users,
+                     rates=tuple(float(x) for x in rates.split(",") if x.strip()), duration_s=duration_s,
+                     bound_ms=bound_ms, log=typer.echo, progress=_bar)
+    for key, value in r.items():
+        typer.echo(f"{key:<28} {value}")
+    typer.echo(f"wrote {out_dir / 'openloop.json'} and {out_dir / 'openloop.png'}")
 
 
 @bench_app.command("recommend")
@@ -125,11 +144,30 @@ def bench_encode(config: Path = CONFIG, target: str = TARGET, text: int = 1024, 
 
 
 @bench_app.command("retrieval")
-def bench_retrieval(sizes: str = "10000,100000,1000000", out_dir: Path = RESULTS) -> None:
-    """Search latency and recall@100 vs exact, in-memory index vs Milvus Lite, with and without a filter."""
+def bench_retrieval(sizes: str = "10000,100000,1000000",
+                    server_sizes: str = typer.Option("100000,1000000", help="Milvus server sizes; empty to skip."),
+                    server_dim: int = typer.Option(0, help="Vector dim on the server (0: the same as the rest)."),
+                    out_dir: Path = RESULTS) -> None:
+    """Search latency and recall@100 vs exact (in-memory index, Milvus Lite, a Milvus server), with/without a filter."""
     from fusionrec.bench import retrieval
 
-    retrieval.run(sizes=tuple(_levels(sizes)), out_dir=out_dir)
+    retrieval.run(sizes=tuple(_levels(sizes)), server_sizes=tuple(_levels(server_sizes)),
+                  server_dim=server_dim or None, out_dir=out_dir)
+
+
+@bench_app.command("ranking")
+def bench_ranking(items: int = typer.Option(100_000, help="Catalog size."),
+                  requests: int = typer.Option(500, help="Recommend calls measured each way."),
+                  candidates_n: int = typer.Option(200, help="Candidates the ranker re-scores."),
+                  out_dir: Path = RESULTS) -> None:
+    """Recommend p50/p99 with and without the ranking stage (engine level) -> ranking.json."""
+    from fusionrec.bench import ranking
+
+    r = ranking.run(n_items=items, requests=requests, candidates_n=candidates_n, out=out_dir / "ranking.json",
+                    progress=lambda m: None)
+    typer.echo(f"{items} items: retrieval-only p50 {r['retrieval']['p50_ms']:.2f} ms / p99 {r['retrieval']['p99_ms']:.2f} "
+               f"ms; with ranking p50 {r['ranking']['p50_ms']:.2f} / p99 {r['ranking']['p99_ms']:.2f} ms "
+               f"(p99 ratio {r['p99_ratio']:.2f})")
 
 
 @bench_app.command("train")
@@ -154,12 +192,17 @@ def bench_train(items: int = typer.Option(100_000, help="Synthetic catalog size.
 @bench_app.command("swap")
 def bench_swap(config: Path = CONFIG, items: int = typer.Option(10_000, help="Stored items with image content."),
                users: int = 200, baseline_s: float = 20.0,
-               callers: int = typer.Option(2, help="Closed-loop Recommend callers (0: the swap alone)."),
+               load_share: float = typer.Option(0.2, help="Open-loop Recommend rate, as a share of the capacity "
+                                                             "(4 closed-loop callers; at 0.5, 2 cores queue)."),
+               concurrency: int = typer.Option(2, help="Re-encoding calls in flight."),
+               niceness: int = typer.Option(19, help="Niceness of the incoming encoder's replica, at least "
+                                                     "(Ray starts every replica at 15)."),
                out_dir: Path = RESULTS) -> None:
     """Swap the image encoder (Lite0 -> Lite2) under a steady Recommend load: bench/results/swap.{json,png}."""
     from fusionrec.bench.swap import run_swap
 
-    run_swap(config, out_dir, n_items=items, n_users=users, baseline_s=baseline_s, callers=callers, log=typer.echo)
+    run_swap(config, out_dir, n_items=items, n_users=users, baseline_s=baseline_s, load_share=load_share,
+             concurrency=concurrency, niceness=niceness, log=typer.echo)
 
 
 @bench_app.command("autoscale")
@@ -211,3 +254,64 @@ def bench_frontdoor(config: Path = CONFIG, levels: str = "1,4,16,32", duration_s
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "frontdoor.json").write_text(json.dumps({k: load.as_dicts(v) for k, v in curves.items()}, indent=2))
     load.plot_curves(curves, out_dir / "frontdoor.png", "Front door over no-op deployments")
+
+
+@bench_app.command("gateway-kill")
+def bench_gateway_kill(config: Path = CONFIG, channels: int = typer.Option(8, help="Callers of each kind."),
+                       after_s: float = typer.Option(10.0, help="Load kept up after the kill."),
+                       out_dir: Path = RESULTS) -> None:
+    """Kill -9 one of the Gateway replicas sharing the port under load: the outage callers see (gateway_kill.json)."""
+    import socket
+    import time
+
+    from fusionrec.bench.floor import build_floor_app
+    from fusionrec.bench.gateway_kill import KillResult, measure_kill
+    from fusionrec.gateway.runtime import ready_everywhere, start, stop
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    running = start(config, overrides={"server": {"port": port, "metrics_port": 0}}, builder=build_floor_app)
+    try:
+        from ray import serve
+
+        pids = [g["pid"] for g in running.info["gateways"]]
+        outage = measure_kill(running.target, pids[0], channels=channels, after_s=after_s)
+        t0, back_s = time.monotonic(), None
+        while back_s is None and time.monotonic() - t0 < 120:  # Serve replaces the killed replica
+            found = ready_everywhere(serve.get_app_handle(running.app_name), running.app_name, timeout_s=60)
+            if len({g["pid"] for g in found["gateways"]} - {pids[0]}) >= len(pids):
+                back_s = after_s + time.monotonic() - t0
+            time.sleep(0.5)
+    finally:
+        stop()
+    result = KillResult(len(pids), pids[0], outage, back_s).as_dict()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gateway_kill.json").write_text(json.dumps(result, indent=2))
+    for kind, o in outage.items():
+        typer.echo(f"{kind:<16} outage {o['outage_s']:.3f} s, {o['failed_after_kill']} of {o['calls_after_kill']} "
+                   "calls failed after the kill")
+    typer.echo(f"replacement replica ready {back_s} s after the kill; wrote {out_dir / 'gateway_kill.json'}")
+
+
+@bench_app.command("reliability")
+def bench_reliability(config: Path = CONFIG,
+                      soak_s: float = typer.Option(600.0, help="Mixed soak length (0 skips it)."),
+                      soak_warmup_s: float = typer.Option(60.0, help="Soak traffic before RSS is first measured."),
+                      overload_s: float = typer.Option(20.0, help="Open-loop overload length (0 skips it)."),
+                      overload_deadline_ms: float = typer.Option(1000.0, help="Deadline of every overload call."),
+                      kill: str = typer.Option(",".join(DEPLOYMENTS),
+                                               help="Deployments whose replica is killed -9 in turn (empty: none)."),
+                      whole_tree: bool = typer.Option(True, help="Also kill -9 the whole process tree and restart."),
+                      hostile: bool = typer.Option(True, help="Run the hostile-input suite."),
+                      out_dir: Path = typer.Option(Path("reports"), help="Where reliability.* go.")) -> None:
+    """Hostile input, faults under load, 2x overload and a soak on a fresh service: reports/reliability.*"""
+    from fusionrec.bench.reliability.suite import ReliabilityPlan, run_reliability
+
+    plan = ReliabilityPlan(hostile=hostile, kill=tuple(k for k in kill.split(",") if k.strip()),
+                           whole_tree=whole_tree, overload_s=overload_s, overload_deadline_ms=overload_deadline_ms,
+                           soak_s=soak_s, soak_warmup_s=soak_warmup_s)
+    rep = run_reliability(config, out_dir, plan, log=typer.echo)
+    for v in rep["verdicts"]:
+        typer.echo(f"{v['key']:<32} {v['value']!s:<24} goal {v['goal']:<8} {'pass' if v['pass'] else 'FAIL'}")
+    typer.echo(f"wrote {out_dir / 'reliability.json'} and {out_dir / 'reliability.md'}")

@@ -331,12 +331,14 @@ from fusionrec.cli.bench import bench_app  # noqa: E402  (commands register on i
 from fusionrec.cli.encoders import encoders_app  # noqa: E402
 from fusionrec.cli.deploy import deploy_app  # noqa: E402
 from fusionrec.cli.quality import demo_training, evaluate, train  # noqa: E402
+from fusionrec.cli.ranking_eval import eval_ranking  # noqa: E402
 
 app.add_typer(bench_app, name="bench")
 app.add_typer(encoders_app, name="encoders")
 app.add_typer(deploy_app, name="deploy")
 app.command()(train)
 app.command()(evaluate)
+app.command(name="eval-ranking")(eval_ranking)
 
 
 if __name__ == "__main__":

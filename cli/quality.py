@@ -137,11 +137,16 @@ def demo_training(config: Path, ray_address: str = "auto", echo: Callable[[str],
 @quality_app.command()
 def evaluate(dataset: str = typer.Option("lfm2k", help="lfm2k or ml-100k."),
              seeds: int = typer.Option(3, help="Seeds for the full model (mean ± std)."),
-             ablation_seeds: int = typer.Option(1, help="Seeds per ablation variant."),
+             ablation_seeds: int = typer.Option(3, help="Seeds per ablation, tower variant and LightGCN."),
              workers: int = typer.Option(2, help="Training runs in parallel (one torch thread each)."),
              cold: bool = typer.Option(True, help="Also run the cold-item split."),
              members: int = typer.Option(0, help="Nets in the full model's ensemble (0 = the variant's default)."),
-             out_dir: Path = typer.Option(None, help="Report folder (default reports/quality).")) -> None:
+             out_dir: Path = typer.Option(None, help="Report folder (default reports/quality)."),
+             set_: list[str] = typer.Option([], "--set", help="TrainConfig override for every run, KEY=VALUE "
+                                            "(JSON value), repeatable; e.g. --set user_tower=gru --set prefix_share=0.5."),
+             resume: bool = typer.Option(True, help="Reuse training jobs an interrupted run finished (kept under "
+                                         "$FUSIONREC_HOME/cache/quality-jobs, keyed by spec and training code).")
+             ) -> None:
     """Full protocol: full model over seeds, ablations, LightGCN, cold items -> <dataset>.{json,md,png}."""
     from fusionrec.core.paths import reports_dir
     from fusionrec.fusion.train.quality import evaluate_dataset
@@ -149,11 +154,28 @@ def evaluate(dataset: str = typer.Option("lfm2k", help="lfm2k or ml-100k."),
     out = out_dir or reports_dir()
     report = evaluate_dataset(dataset, seeds=tuple(range(seeds)), ablation_seeds=tuple(range(ablation_seeds)),
                               workers=workers, cold=cold, out_dir=out,
-                              members=members or None)
+                              members=members or None, resume=resume, config=_overrides(set_))
     t = report["test"]
     typer.echo(f"{dataset} test Recall@20 {t['recall@20']:.4f} ± {t['std']['recall@20']:.4f}, "
                f"NDCG@20 {t['ndcg@20']:.4f} ± {t['std']['ndcg@20']:.4f} ({report['wall_s']} s)")
     typer.echo(f"report: {out / (dataset + '.md')}")
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings -> TrainConfig overrides (VALUE parsed as JSON, else kept as a string)."""
+    from fusionrec.fusion.train.config import TrainConfig
+
+    known = set(TrainConfig.__dataclass_fields__)
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in known:
+            raise typer.BadParameter(f"{pair!r}: expected KEY=VALUE with KEY one of {sorted(known)}", param_hint="--set")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 if __name__ == "__main__":  # `python -m fusionrec.cli.quality evaluate` until it is mounted in fusionrec.cli.main

@@ -141,9 +141,13 @@ def item(item_id: str, *, text: str = "", image: Media = None, audio: Media = No
                         content=content_to_pb(text, image, audio), vectors=mvs)
 
 
-def interaction(user_id: str, item_id: str, kind: str = "", timestamp_s: float = 0.0) -> pb.Interaction:
-    """A user-item event; ``timestamp_s`` 0 means now."""
-    return pb.Interaction(user_id=user_id, item_id=item_id, kind=kind, timestamp_s=float(timestamp_s))
+def interaction(user_id: str, item_id: str, kind: str = "", timestamp_s: float = 0.0,
+                event_id: str = "") -> pb.Interaction:
+    """A user-item event; ``timestamp_s`` 0 means now. ``event_id``: an idempotency key unique per user
+    (e.g. a UUID made when the event happened): sending the same event again (a retry) does not record it
+    twice, and the reply counts it under ``duplicates``."""
+    return pb.Interaction(user_id=user_id, item_id=item_id, kind=kind, timestamp_s=float(timestamp_s),
+                          event_id=event_id)
 
 
 def recommend_request(user_id: str = "", *, k: int = 10, text: str = "", image: Media = None, audio: Media = None,

@@ -21,6 +21,7 @@ AttributeValue = Union[str, int, float, bool]
 ID_MAX_BYTES = 256  # item and user ids (VARCHAR(256) primary keys)
 VERSION_MAX_BYTES = 256  # encoder and model version strings
 KIND_MAX_BYTES = 64  # interaction kind ("play", "click", ...)
+EVENT_ID_MAX_BYTES = 128  # an interaction's idempotency key, unique per user
 ATTRIBUTE_NAME_MAX = 64
 MAX_ATTRIBUTES = 64  # per item
 STRING_ATTRIBUTE_MAX_BYTES = 4096
@@ -54,6 +55,27 @@ def storable_id(item_id: object) -> bool:
 
 def check_kind(kind: object, what: str = "interaction kind") -> str:
     return check_str(kind, what, KIND_MAX_BYTES, allow_empty=True)
+
+
+def check_event_id(event_id: object, what: str = "interaction event_id") -> str:
+    """An interaction's idempotency key: "" (none) or at most EVENT_ID_MAX_BYTES UTF-8 bytes."""
+    return check_str(event_id, what, EVENT_ID_MAX_BYTES, allow_empty=True)
+
+
+def check_timestamp(ts: float, now_s: float, max_future_skew_s: float, min_timestamp_s: float,
+                    what: str = "timestamp_s") -> float:
+    """``ts`` (seconds since the epoch) unless non-finite, before ``min_timestamp_s`` or more than
+    ``max_future_skew_s`` after ``now_s``: an event from the future would stay "most recent" forever."""
+    if not math.isfinite(ts) or ts < 0:
+        raise InvalidArgument(f"{what} must be a non-negative number of seconds since the epoch, got {ts!r}")
+    if ts > now_s + max_future_skew_s:
+        hint = " (it looks like milliseconds: send seconds)" if ts > now_s * 500 else ""
+        raise InvalidArgument(f"{what} {ts:.3f} is {ts - now_s:.0f} s ahead of the server's clock; the limit is "
+                              f"limits.max_future_skew_s = {max_future_skew_s:g} s{hint}")
+    if ts < min_timestamp_s:
+        raise InvalidArgument(f"{what} {ts:.3f} is before limits.min_timestamp_s = {min_timestamp_s:.0f} "
+                              "(seconds since the epoch; 0 means now)")
+    return float(ts)
 
 
 def check_attribute_name(name: object, what: str = "attribute name") -> str:

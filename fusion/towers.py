@@ -1,4 +1,5 @@
-"""Item tower (gated per-part blocks) and user tower (order-aware attention over history)."""
+"""Item tower (gated per-part blocks) and user towers by name: order-aware attention pooling over the history,
+or the same plus a GRU over the ordered history (sequence-aware)."""
 
 from __future__ import annotations
 
@@ -137,3 +138,53 @@ class UserTower(nn.Module):
         if query is not None:
             user = user + self.query_out(query) + query
         return user
+
+
+class GRUUserTower(UserTower):
+    """Sequence-aware user tower: attention pooling (``UserTower``) plus a GRU over the ordered history.
+
+    The GRU reads the real events oldest first (padding never enters: packed sequences, so a padded training
+    batch and one unpadded served history give the same vector); its last state is mapped into the scoring
+    space by ``seq_out``, zero at init, so training starts from the pooling tower and learns what order adds.
+
+    Args:
+        dim: fused vector size; hidden: GRU state size; max_age: recency buckets of the pooling part.
+    """
+
+    def __init__(self, dim: int, max_age: int = 64, hidden: int = 128) -> None:
+        super().__init__(dim, max_age)
+        self.gru = nn.GRU(dim, hidden, batch_first=True)
+        self.seq_out = nn.Linear(hidden, dim, bias=False)
+        nn.init.zeros_(self.seq_out.weight)
+
+    def forward(self, history: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None) -> torch.Tensor:
+        """Same contract as ``UserTower.forward``: (b, h, dim) right-aligned history, (b, h) mask -> (b, dim)."""
+        user = super().forward(history, mask, query)
+        b, h, _ = history.shape
+        lengths = mask.sum(1)
+        if h == 0 or not bool((lengths > 0).any()):
+            return user
+        # Right-aligned -> left-aligned (real events first) so packing keeps exactly the real steps.
+        shift = (torch.arange(h).unsqueeze(0) + (h - lengths).unsqueeze(1)) % h  # (b, h)
+        left = history.gather(1, shift.unsqueeze(-1).expand(-1, -1, history.shape[2]))
+        packed = nn.utils.rnn.pack_padded_sequence(left, lengths.clamp(min=1).cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        _, last = self.gru(packed)  # (1, b, hidden): the state after each user's newest real event
+        return user + self.seq_out(last[0]) * (lengths > 0).unsqueeze(1)
+
+
+#: User towers by name (``TrainConfig.user_tower``; a checkpoint records its kind, absent = "attention").
+USER_TOWERS: dict[str, type[UserTower]] = {"attention": UserTower, "gru": GRUUserTower}
+
+
+def build_user_tower(kind: str, dim: int) -> UserTower:
+    """The user tower registered under ``kind`` for fused vectors of size ``dim``.
+
+    Raises:
+        ValueError: ``kind`` names no tower (the known names are listed).
+    """
+    try:
+        cls = USER_TOWERS[kind]
+    except KeyError:
+        raise ValueError(f"unknown user tower {kind!r}; known: {sorted(USER_TOWERS)}") from None
+    return cls(dim)

@@ -20,7 +20,7 @@ import torch
 from fusionrec.fusion.base import FusionModel
 from fusionrec.fusion.checkpoint import load_checkpoint
 from fusionrec.fusion.cold import ColdStart
-from fusionrec.fusion.towers import ID_PART, MAX_HISTORY, ItemTower, UserTower
+from fusionrec.fusion.towers import ID_PART, MAX_HISTORY, ItemTower, build_user_tower
 
 log = logging.getLogger("fusionrec.fusion")
 
@@ -51,8 +51,10 @@ class TrainedFusion(FusionModel):
         self.parts = list(payload["parts"])
         self.block_dim = int(payload["block_dim"])
         dims = {m: int(spec["dim"]) for m, spec in payload["modalities"].items()}
-        self._members = [_Member(m, dims, int(payload["n_id_rows"]), self.block_dim, int(payload["hidden"]))
-                         for m in payload["members"]]
+        # Checkpoints written before user towers had kinds carry none: theirs is the attention tower.
+        self.user_tower = str(payload.get("user_tower", "attention"))
+        self._members = [_Member(m, dims, int(payload["n_id_rows"]), self.block_dim, int(payload["hidden"]),
+                                 self.user_tower) for m in payload["members"]]
         self.member_dim = self._members[0].item_tower.dim
         self._row = {item_id: int(r) for item_id, r in zip(payload["item_ids"], payload["id_rows"].tolist())}
         self._slot = {item_id: k for k, item_id in enumerate(payload["item_ids"])}
@@ -190,10 +192,11 @@ class TrainedFusion(FusionModel):
 class _Member:
     """One net of a checkpoint: its item tower, user tower, frozen graph residuals and cold-start neighbours."""
 
-    def __init__(self, weights: dict, dims: dict[str, int], n_id_rows: int, block_dim: int, hidden: int) -> None:
+    def __init__(self, weights: dict, dims: dict[str, int], n_id_rows: int, block_dim: int, hidden: int,
+                 user_tower: str = "attention") -> None:
         self.item_tower = ItemTower(dims, n_id_rows, block_dim, hidden=hidden)
         self.item_tower.load_state_dict(weights["item_tower"])
-        self.user_tower = UserTower(self.item_tower.dim)
+        self.user_tower = build_user_tower(user_tower, self.item_tower.dim)
         self.user_tower.load_state_dict(weights["user_tower"])
         self.item_tower.eval()
         self.user_tower.eval()

@@ -22,7 +22,7 @@ from fusionrec.gateway.health import watch_deployments
 from fusionrec.gateway.metrics import NO_METRICS, Metrics, serve_metrics
 from fusionrec.gateway.metrics_cluster import ClusterCollector, handle_puller
 from fusionrec.gateway.requestlog import serve_log_file, write_to
-from fusionrec.gateway.server import create_server, set_serving
+from fusionrec.gateway.server import create_server, port_taken, set_serving
 from fusionrec.gateway.service import RecommenderServicer
 from fusionrec.gateway.tracing import Tracing
 
@@ -33,29 +33,39 @@ log = logging.getLogger("ray.serve")  # lands in the replica log files
 class Gateway:
     """Ingress: runs the grpc.aio server inside the replica and calls the other deployments by handle.
 
-    Health turns SERVING only once every encoder, the fusion model and the store answered ready.
+    Health turns SERVING only once every encoder, the fusion model and the store answered ready. Several
+    replicas share the port (SO_REUSEPORT, server.share_port): one that starts while another already
+    serves the port binds only once loaded, so that no caller meets a replica still starting up.
     """
 
     async def __init__(self, config: dict, encoders: dict[str, DeploymentHandle], fusion: DeploymentHandle,
                        retrieval: DeploymentHandle) -> None:
         self.config = AppConfig.model_validate(config)
-        self.metrics = Metrics() if self.config.server.metrics_enabled else None
-        self.recommender = Recommender(encoders, fusion, retrieval, self.config.limits, self.config.server,
+        cfg = self.config.server
+        self.metrics = Metrics() if cfg.metrics_enabled else None
+        self._required = [*encoders.values(), fusion, retrieval]
+        self.recommender = Recommender(encoders, fusion, retrieval, self.config.limits, cfg,
                                        serve.get_replica_context().app_name, self.metrics or NO_METRICS)
-        servicer = RecommenderServicer(self.recommender, self.config.server.default_deadline_ms,
-                                       self.config.server.max_call_ms)
+        self.servicer = RecommenderServicer(self.recommender, cfg.default_deadline_ms, cfg.max_call_ms)
         log_file = serve_log_file()
         if log_file:  # one JSON access line per RPC, in this replica's own log file (gateway/requestlog.py)
             write_to(log_file)
-        self.tracing = Tracing.from_config(self.config.server)  # OTLP export when server.otlp_endpoint is set
-        self.server, self.port, self.health = await create_server(servicer, self.config.server, self.metrics,
-                                                                  tracing=self.tracing)
+        self.tracing = Tracing.from_config(cfg)  # OTLP export when server.otlp_endpoint is set
+        self.server, self.port, self.health, self.watcher = None, cfg.port, None, None
+        joining = cfg.share_port and await port_taken(cfg.host, cfg.port)
+        if not joining:  # the first replica: health answers NOT_SERVING while the models load
+            await self._open_front_door()
         self.metrics_endpoint = self._serve_metrics(encoders, fusion, retrieval)
         self._ready = asyncio.Event()
         self._loader = asyncio.ensure_future(self._become_ready())
-        # Health follows the deployments behind it (NOT_SERVING while one has no live replica).
-        self.watcher = watch_deployments([*encoders.values(), fusion, retrieval], self.health,
-                                         self.config.server.health_interval_s)
+
+    async def _open_front_door(self) -> None:
+        """Bind and start the gRPC server; health follows the deployments behind it from then on."""
+        self.server, self.port, self.health = await create_server(self.servicer, self.config.server, self.metrics,
+                                                                  tracing=self.tracing)
+        # NOT_SERVING while one has no live replica; the recommender skips encoders reported down.
+        self.watcher = watch_deployments(self._required, self.health, self.config.server.health_interval_s)
+        self.recommender.down = self.watcher.is_down
         self.watcher.start()
         log.info("fusionrec gRPC listening on %s:%d", self.config.server.host, self.port)
 
@@ -68,11 +78,13 @@ class Gateway:
         self.metrics.registry.register(ClusterCollector(
             handle_puller(encoders, fusion, retrieval), asyncio.get_running_loop(), cfg.metrics_refresh_s,
             cfg.metrics_wait_ms / 1000))
-        return serve_metrics(self.metrics.registry, cfg.metrics_host, cfg.metrics_port)
+        return serve_metrics(self.metrics.registry, cfg.metrics_host, cfg.metrics_port, cfg.metrics_port_span)
 
     async def _become_ready(self) -> None:
         await self.recommender.load()
         settle_heap()
+        if self.server is None:  # joining replicas that already serve the port: bind now, ready at once
+            await self._open_front_door()
         await set_serving(self.health, True)
         self._ready.set()
         self._refresher = asyncio.ensure_future(self.recommender.refresh_forever())  # re-indexes, swaps
@@ -80,7 +92,8 @@ class Gateway:
     async def ready(self) -> dict[str, Any]:
         """Blocks until every model is loaded; returns where the gRPC server listens."""
         await self._ready.wait()
-        return {"host": self.config.server.host, "port": self.port,
+        return {"host": self.config.server.host, "port": self.port, "pid": os.getpid(),
+                "replica_id": serve.get_replica_context().replica_id.unique_id,
                 "metrics_port": self.metrics_endpoint.port if self.metrics_endpoint else None,
                 "encoder_versions": self.recommender.encoder_versions,
                 "model_version": self.recommender.model_version}
@@ -90,9 +103,11 @@ class Gateway:
             raise RuntimeError(f"dependencies failed to load: {self._loader.exception()!r}")
 
     async def __del__(self) -> None:
-        await self.watcher.stop()
-        await set_serving(self.health, False)
-        await self.server.stop(self.config.server.grace_period_s)
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.server is not None:
+            await set_serving(self.health, False)
+            await self.server.stop(self.config.server.grace_period_s)
         self.tracing.shutdown()  # export the spans still buffered
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.stop()
@@ -103,13 +118,16 @@ class Gateway:
 #: `deployment_options` for the benchmarks' imperative apps). Fractional CPUs: Serve's default of one
 #: CPU per replica leaves replicas STARTING forever on 2 cores.
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "Gateway": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 1024},
-    "Fusion": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 256,
+    # Two front doors sharing the port (server.share_port): losing one leaves the port answering.
+    "Gateway": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 1024, "num_replicas": 2},
+    "Fusion": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 256, "max_queued_requests": 512,
                "user_config": FusionConfig().model_dump()},
-    "Retrieval": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 256},
+    "Retrieval": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 256, "max_queued_requests": 512},
 }
+#: max_queued_requests: bounded queues in every caller's handle (Serve's default is unbounded); beyond it
+#: Serve raises BackPressureError, answered RESOURCE_EXHAUSTED with retry advice (gateway/errors.py).
 ENCODER_OPTIONS: dict[str, Any] = {
-    "ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 64,
+    "ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 64, "max_queued_requests": 256,
     "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
                            "upscale_delay_s": 1.0, "downscale_delay_s": 5.0},
     "user_config": EncoderUserConfig().model_dump(exclude_none=True),

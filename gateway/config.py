@@ -57,13 +57,33 @@ class ServerConfig(_Strict):
                                                         "longer one); beyond it: DEADLINE_EXCEEDED, the work cancelled.")
     max_message_mb: int = Field(64, ge=1, description="Largest request accepted, in MiB.")
     default_deadline_ms: int = Field(5000, ge=1, description="Deadline applied when the caller sets none.")
-    ranking_reserve_ms: int = Field(50, ge=0, description="Time kept back from encoders for retrieval and ranking.")
+    ranking_reserve_ms: int = Field(50, ge=0, description="Time kept back from encoders for retrieval and ranking "
+                                                          "(at least; see encode_budget_share).")
+    encode_budget_share: float = Field(0.7, gt=0, le=1, description="Share of a Recommend's remaining deadline that "
+                                                                    "query encoders may use; the rest is kept for "
+                                                                    "retrieval and ranking (a late encoder is dropped).")
+    admission_enabled: bool = Field(True, description="Shed a request at once (RESOURCE_EXHAUSTED with retry advice) "
+                                                      "when the work in flight ahead of it cannot finish within its "
+                                                      "deadline (gateway/admission.py).")
+    admission_headroom: float = Field(0.8, gt=0, le=1, description="Admit only when the estimated finish is within "
+                                                                   "this share of the caller's remaining deadline.")
+    admission_latency_factor: float = Field(0.0, ge=0, description="Latency objective: also shed when the estimated "
+                                                                   "latency exceeds this many times the recent "
+                                                                   "latency of requests that ran alone; 0 = off (only "
+                                                                   "the caller's deadline bounds queueing).")
+    share_port: bool = Field(True, description="Bind the gRPC port with SO_REUSEPORT so that several Gateway replicas "
+                                               "on one machine serve the same port (the kernel spreads connections; "
+                                               "one replica's loss leaves the port answering).")
     grace_period_s: float = Field(5.0, ge=0, description="In-flight RPCs get this long to finish on shutdown.")
     metrics_enabled: bool = Field(True, description="Serve Prometheus metrics at http://<metrics_host>:<metrics_port>"
                                                     "/metrics from the Gateway replica (gateway/metrics.py).")
     metrics_host: str = Field("127.0.0.1", description="Interface the metrics endpoint binds.")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Metrics port (0 picks a free one; the bound one "
-                                                                "is in the Gateway's ready() answer).")
+                                                                "is in the Gateway's ready() answer). Each Gateway "
+                                                                "replica serves its own counters on its own port: the "
+                                                                "first free one of metrics_port .. + metrics_port_span - 1.")
+    metrics_port_span: int = Field(8, ge=1, le=64, description="Ports tried from metrics_port on, one per Gateway "
+                                                               "replica on a machine (scrape each as its own target).")
     metrics_refresh_s: float = Field(5.0, gt=0, description="Stats pulled from the other replicas (encoder "
                                                             "batches, store size, progress) are reused this long.")
     metrics_wait_ms: int = Field(1000, ge=0, description="Longest a scrape waits for fresh replica stats before "
@@ -109,6 +129,13 @@ class LimitsConfig(_Strict):
                               description="Longest item or user id, in UTF-8 bytes (the store holds at most 256).")
     max_interactions_batch: int = Field(10_000, ge=1, description="Most events per RecordInteractions call.")
     max_delete_batch: int = Field(1_000, ge=1, description="Most ids per DeleteItems call.")
+    max_future_skew_s: float = Field(
+        300.0, ge=0, description="An interaction timestamp more than this many seconds ahead of the server's clock "
+                                 "is refused (INVALID_ARGUMENT): it would stay the user's most recent event forever.")
+    min_timestamp_s: float = Field(
+        631_152_000.0, ge=0, description="Interaction timestamps before this (seconds since the epoch; default "
+                                         "1990-01-01) are refused as a caller's mistake (relative seconds, a lost "
+                                         "epoch offset); 0 accepts any. A timestamp of 0 means now.")
 
 
 class EncoderConfig(_Strict):
@@ -121,6 +148,9 @@ class EncoderUserConfig(_Strict):
 
     max_batch_size: int = Field(32, ge=1, description="Most inputs per encoder batch.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill.")
+    niceness: int = Field(0, ge=0, le=19, description="Process niceness of the replica, at least (0: as Ray starts "
+                                                      "it, at 15 by default), e.g. 19 for an encoder swap's "
+                                                      "re-encoding replica, so serving keeps the CPU.")
     encoder: EncoderConfig | None = Field(
         None, description="The encoder this deployment runs, replacing the app args' choice for its modality. "
                           "Changed in place by `fusionrec encoders swap` (its vectors must match the store's "
@@ -135,6 +165,20 @@ class FusionConfig(_Strict):
     encoder_versions: dict[str, str] = Field(
         default_factory=dict, description="modality -> encoder version the model is made for, where it differs "
                                           "from the running encoder's (set by `fusionrec encoders swap`).")
+
+
+class RankingConfig(_Strict):
+    """The ranking stage after candidate retrieval (fusionrec.ranking): off unless a trained ranker is named."""
+
+    ranker_path: str = Field(
+        "", description="A ranker file written by fusionrec.ranking (Ranker.save, e.g. by `fusionrec eval-ranking`); "
+                        "relative paths resolve against the working folder; empty: no ranking stage (the search's "
+                        "order, exactly as without this section).")
+    candidates_n: int = Field(200, ge=1, le=2000, description="Retrieval candidates the ranker re-scores per "
+                                                              "request (k itself when k is larger).")
+    mmr_lambda: float | None = Field(
+        None, ge=0.0, le=1.0, description="Diversity re-rank after the ranker (MMR): 1 = ranker order, lower trades "
+                                          "relevance for variety; null: no MMR.")
 
 
 class StoreConfig(_Strict):
@@ -160,7 +204,8 @@ class StoreConfig(_Strict):
         5.0, ge=0, description="Server only: interaction counts (popular items for cold users) are recounted from "
                                "the server at most this often.")
     index_params: dict[str, int] = Field(
-        default_factory=dict, description="In-memory index knobs: m, ef_construction, ef_search, ef_max, exact_max_rows.")
+        default_factory=dict, description="In-memory index knobs (retrieval/ann.py): m, ef_construction, ef_search, "
+                                          "ef_max, exact_max_rows, reduced_dim, reduce_at, rerank.")
     flush_every_rows: int | None = Field(
         None, ge=0, description="Flush a Milvus Lite collection after this many written rows (rows are durable in "
                                 "its WAL before that); None = auto (see retrieval/lite.py), 0 = never.")
@@ -170,6 +215,8 @@ class StoreConfig(_Strict):
     content_uri: str = Field(
         "", description="Content store: a folder (one file per sha256), a shared path for a cluster; relative "
                         "paths resolve against the working folder; empty: $FUSIONREC_HOME/content.")
+    ranking: RankingConfig = Field(default_factory=RankingConfig,
+                                   description="Re-score the top candidates with a trained ranker (off by default).")
 
     @property
     def is_lite(self) -> bool:
@@ -192,6 +239,9 @@ class StoreConfig(_Strict):
             out.uri = str(Path(out.uri or home("milvus.db")).expanduser().resolve())
         if out.content_is_local:
             out.content_uri = str(Path(out.content_uri or home("content")).expanduser().resolve())
+        if out.ranking.ranker_path:
+            out.ranking = out.ranking.model_copy(
+                update={"ranker_path": str(Path(out.ranking.ranker_path).expanduser().resolve())})
         return out
 
     @property

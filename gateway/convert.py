@@ -88,4 +88,4 @@ def item_view_to_pb(view: ItemView) -> pb.Item:
 
 def interaction_from_pb(e: pb.Interaction) -> InteractionEvent:
     return InteractionEvent(user_id=e.user_id, item_id=e.item_id, kind=e.kind or "interaction",
-                            timestamp_s=e.timestamp_s)
+                            timestamp_s=e.timestamp_s, event_id=e.event_id)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
+import os
 import threading
 from dataclasses import asdict
 from typing import Any, Callable
@@ -17,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from fusionrec.encoders.base import InvalidContent
 from fusionrec.encoders.registry import get_encoder
 from fusionrec.fusion.registry import get_fusion_model
-from fusionrec.gateway.config import EncoderConfig, EncoderUserConfig, FusionConfig, StoreConfig, secret
+from fusionrec.gateway.config import EncoderConfig, EncoderUserConfig, FusionConfig, RankingConfig, StoreConfig, secret
 from fusionrec.gateway.metrics_cluster import EncoderLoad, StoreProgress
 from fusionrec.core.errors import FailedPrecondition
 from fusionrec.retrieval.base import InteractionEvent, StoredItem, StoreSchema
@@ -41,6 +43,18 @@ def settle_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def lower_priority(niceness: int) -> None:
+    """Every thread of this process at ``niceness`` at least (Linux keeps it per thread; threads started
+    later inherit it). Only ever lowers the priority: raising it back needs privileges."""
+    if niceness <= 0:
+        return
+    tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
+    for tid in map(int, tasks):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            if os.getpriority(os.PRIO_PROCESS, tid) < niceness:
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
 
 
 @serve.deployment
@@ -67,6 +81,7 @@ class EncoderDeployment:
         self.user_cfg = cfg
         self._encode_batch.set_max_batch_size(cfg.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        lower_priority(cfg.niceness)
         wanted = cfg.encoder or self.configured
         if wanted != self.current:
             self.encoder = self._load(wanted)  # batches in flight finish with the encoder they started with
@@ -180,6 +195,15 @@ class FusionDeployment:
         return self._model(version).item_vectors(items, item_ids)
 
 
+def _ranking_stage(cfg: RankingConfig) -> Any:
+    """The configured ranking stage (fusionrec.ranking.stage), or None when no ranker is named."""
+    if not cfg.ranker_path:
+        return None
+    from fusionrec.ranking.stage import RankingStage  # LightGBM loads only where a ranker is configured
+
+    return RankingStage.from_file(cfg.ranker_path, cfg.candidates_n, cfg.mmr_lambda)
+
+
 @serve.deployment
 class RetrievalDeployment:
     """Serves a RetrievalEngine (retrieval/engine.py): the one owner of a Milvus Lite file, or one of
@@ -205,7 +229,8 @@ class RetrievalDeployment:
             index_params=cfg.index_params, flush_every_rows=cfg.flush_every_rows,
             content=open_content_store(cfg.content_uri) if cfg.retain_content else None,
             server=ServerOptions(consistency_level=cfg.consistency_level, state_ttl_s=cfg.state_ttl_s,
-                                 popularity_ttl_s=cfg.popularity_ttl_s))
+                                 popularity_ttl_s=cfg.popularity_ttl_s),
+            ranking=_ranking_stage(cfg.ranking))
         self._models: dict[str, Any] = {}
         self.progress = StoreProgress()  # re-index and swap progress, for the Gateway's /metrics
         self._unsettled = 0  # items written since the last settle_heap()

@@ -63,6 +63,10 @@ class HealthWatcher:
         self.serving, self.down = serving, down
         return serving
 
+    def is_down(self, deployment_name: str) -> bool:
+        """Whether the last verdict named this deployment as having no live replica."""
+        return deployment_name in self.down
+
     def _name(self) -> str:
         return {None: "the current status", True: "SERVING", False: "NOT_SERVING"}[self.serving]
 

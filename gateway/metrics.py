@@ -28,7 +28,8 @@ RPC_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 STAGE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 #: How a dropped query modality's reason text (gateway/pipeline.py) maps to a bounded label.
-DROP_REASONS = (("deadline", "deadline"), ("encoder error", "encoder_error"))
+DROP_REASONS = (("deadline", "deadline"), ("encoder error", "encoder_error"), ("unavailable", "unavailable"),
+                ("overloaded", "overloaded"))
 
 
 def method_label(full_method: str) -> str:
@@ -64,13 +65,15 @@ class Metrics:
             buckets=STAGE_BUCKETS_S, registry=r)
         self.rejected = Counter(
             PREFIX + "rejected_requests", "Requests refused or shed, by reason: unauthenticated, starting_up, "
-            "inflight_limit, stream_limit, backpressure, out_of_resources.",
+            "inflight_limit, stream_limit, backpressure, out_of_resources, deadline_unreachable and latency_objective "
+            "(shed early by the admission estimate, gateway/admission.py).",
             ["method", "reason"], registry=r)
         self.degraded = Counter(
             PREFIX + "degraded_responses", "Recommend answers with at least one query modality dropped.",
             registry=r)
         self.dropped = Counter(
-            PREFIX + "modalities_dropped", "Query modalities dropped from Recommend answers, by reason.",
+            PREFIX + "modalities_dropped", "Query modalities dropped from Recommend answers, by reason: deadline, "
+            "encoder_error, unavailable (no live encoder replica), overloaded (its queue full), other.",
             ["modality", "reason"], registry=r)
         self.inflight = Gauge(PREFIX + "inflight_requests", "API RPCs running now (the admission limit's count).",
                               registry=r)
@@ -176,13 +179,20 @@ class MetricsEndpoint:
         self._thread.join(timeout=5)
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int) -> MetricsEndpoint | None:
-    """Start the endpoint; None (logged) when the port cannot be bound: serving RPCs matters more than
-    exposing metrics, so a taken metrics port never keeps the Gateway from starting."""
-    try:
-        endpoint = MetricsEndpoint(registry, host, port)
-    except OSError as err:
-        log.error("metrics endpoint not started: cannot bind %s:%d (%s); set server.metrics_port", host, port, err)
-        return None
-    log.info("fusionrec metrics on http://%s:%d/metrics", host, endpoint.port)
-    return endpoint
+def serve_metrics(registry: CollectorRegistry, host: str, port: int, span: int = 1) -> MetricsEndpoint | None:
+    """Start the endpoint on the first free port of port .. port + span - 1 (one per Gateway replica on a
+    machine: each replica's counters on a target of their own, never alternating on one); None (logged)
+    when none can be bound: serving RPCs matters more than exposing metrics, so taken metrics ports never
+    keep the Gateway from starting."""
+    err: OSError | None = None
+    for candidate in [port] if port == 0 else range(port, min(port + span, 65536)):
+        try:
+            endpoint = MetricsEndpoint(registry, host, candidate)
+        except OSError as exc:
+            err = exc
+            continue
+        log.info("fusionrec metrics on http://%s:%d/metrics", host, endpoint.port)
+        return endpoint
+    log.error("metrics endpoint not started: cannot bind %s:%d (+%d) (%s); set server.metrics_port", host, port,
+              span - 1, err)
+    return None

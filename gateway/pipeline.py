@@ -6,9 +6,10 @@ Works on domain types and Serve DeploymentHandles; knows nothing of protobuf.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -16,7 +17,7 @@ from fusionrec.encoders.base import InvalidContent
 from fusionrec.gateway import tracing
 from fusionrec.gateway.config import LimitsConfig, ServerConfig
 from fusionrec.gateway.metrics import NO_METRICS, Metrics, NoMetrics, timed
-from fusionrec.gateway.domain import (InteractionEvent, ItemInput, ItemView, Ranked, Recommendation,
+from fusionrec.gateway.domain import (InteractionEvent, ItemInput, ItemView, QueryContent, Ranked, Recommendation,
                             RecommendQuery, ScoredItem)
 from fusionrec.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from fusionrec.retrieval.base import SchemaMismatch, StoredItem
@@ -27,6 +28,7 @@ from fusionrec.gateway.validation import check_id, check_interactions, check_ite
 BYO_VERSION = "byo"
 #: How often the Gateway re-reads versions (model, encoders) and encoder swaps in progress.
 REFRESH_PERIOD_S = 2.0
+REFRESH_TIMEOUT_S = 10.0
 log = logging.getLogger("ray.serve")
 
 
@@ -65,6 +67,10 @@ class Recommender:
         self.retrieval = retrieval
         self.limits = limits
         self.reserve_s = server.ranking_reserve_ms / 1000
+        self.encode_share = server.encode_budget_share
+        #: Deployment name -> whether health reports it without a live replica (gateway/health.py's
+        #: HealthWatcher.is_down once the front door is open): such an encoder is skipped, not waited for.
+        self.down: Callable[[str], bool] = lambda _name: False
         self.encoder_versions: dict[str, str] = {}  # of the encoders in use (routes)
         self.store_versions: dict[str, str] = {}  # of the stored vectors
         self.modality_dims: dict[str, int] = {}
@@ -93,8 +99,8 @@ class Recommender:
         """Follow re-indexes and encoder swaps even when no request runs into them."""
         while True:
             await asyncio.sleep(period_s)
-            try:
-                await self.load()
+            try:  # bounded: a deployment without a replica must not hold the load lock forever
+                await asyncio.wait_for(self.load(), REFRESH_TIMEOUT_S)
             except Exception as err:  # a restarting deployment: keep the routes, try again
                 log.warning("refreshing versions failed: %r", err)
 
@@ -104,6 +110,8 @@ class Recommender:
         """deadline: absolute time.monotonic() by which the answer must be sent."""
         check_recommend(q, self.limits)
         stages = _Stages()
+        # Retrieval needs the encoded query only: the raw content (up to the message limit) stays here.
+        without_content = dataclasses.replace(q, query=QueryContent())
         for _ in range(3):  # a switch (re-index, encoder swap) met halfway: follow it and encode again
             query, versions, dropped = await self._encode_all(q, deadline)
             if q.query.by_modality:
@@ -111,7 +119,7 @@ class Recommender:
             self._check_deadline(deadline, "retrieval")
             # Nothing personal to go on (no history; no query, or none encoded in time): popular items.
             with tracing.stage("retrieve_and_rank"):  # history, user tower, search, attribution: one hop
-                ranked = await self.retrieval.recommend.remote(q, query, self.model_version,
+                ranked = await self.retrieval.recommend.remote(without_content, query, self.model_version,
                                                                self.limits.max_history, versions)
             if ranked is not None:
                 break
@@ -159,7 +167,11 @@ class Recommender:
         """One query modality: (vector, "") or (None, why it was dropped)."""
         if modality not in self.encoders:
             raise InvalidArgument(f"query.{modality}: no {modality} encoder is configured")
-        timeout_s = deadline - time.monotonic() - self.reserve_s
+        if self._unavailable(modality):
+            return None, f"unavailable: the {modality} encoder has no live replica"
+        remaining_s = deadline - time.monotonic()
+        # Retrieval keeps at least ranking_reserve_ms and (1 - encode_budget_share) of what is left.
+        timeout_s = remaining_s - max(self.reserve_s, remaining_s * (1 - self.encode_share))
         if timeout_s <= 0:
             return None, "deadline reached before encoding"
         with tracing.stage(f"encode.{modality}", timeout_ms=round(timeout_s * 1000)) as span:
@@ -167,6 +179,11 @@ class Recommender:
             if why:
                 span.set_attribute("fusionrec.dropped", why)
             return vec, why
+
+    def _unavailable(self, modality: str) -> bool:
+        """The app's own encoder serves this modality and health reports it without a live replica."""
+        handle = self.routes.active[modality]
+        return handle is self.encoders.get(modality) and self.down(getattr(handle, "deployment_name", ""))
 
     async def _call_encoder(self, modality: str, content: Any, timeout_s: float) -> tuple[np.ndarray | None, str]:
         response = self.routes.active[modality].encode.remote(content)
@@ -178,6 +195,8 @@ class Recommender:
         except InvalidContent as err:
             raise InvalidArgument(f"query.{modality}: {err.reason}") from None
         except Exception as err:  # an encoder failure degrades the answer, never fails it
+            if type(err).__name__ == "BackPressureError":  # its queue is full (max_queued_requests)
+                return None, "overloaded: the encoder's queue is full"
             return None, f"encoder error: {type(err).__name__}"
 
     @staticmethod
@@ -224,22 +243,24 @@ class Recommender:
         for i, item in enumerate(items):
             for m in item.content.by_modality:
                 by_modality.setdefault(m, []).append(i)
-        routes = self.routes
+        # The routes as they are now: a refresh during the awaits below replaces them (a swap switching over).
+        active, in_use, shadows = self.routes.active, self.routes.versions, self.routes.shadow
         # One call per modality and encoder: the encoder replica batches the contents itself.
-        calls = [(m, h) for m in by_modality for h in (routes.active[m], routes.shadow.get(m)) if h is not None]
+        calls = [(m, h, is_active) for m in by_modality
+                 for h, is_active in ((active[m], True), (shadows.get(m), False)) if h is not None]
         replies = await asyncio.gather(
-            *(h.encode_many.remote([items[i].content.by_modality[m] for i in by_modality[m]]) for m, h in calls),
+            *(h.encode_many.remote([items[i].content.by_modality[m] for i in by_modality[m]]) for m, h, _ in calls),
             return_exceptions=True)
         vectors = [dict(item.vectors) for item in items]
         shadow: dict[str, dict[str, np.ndarray]] = {}
-        for (m, handle), reply in zip(calls, replies):
+        for (m, _, is_active), reply in zip(calls, replies):
             if isinstance(reply, BaseException):
                 raise Unavailable(f"the {m} encoder failed ({type(reply).__name__}); nothing was stored, retry")
             for i, result in zip(by_modality[m], reply):
                 if isinstance(result, InvalidContent):
                     raise InvalidArgument(f"items[{i}] ({items[i].item_id!r}) content.{m}: {result.reason}")
-                if handle is routes.active[m]:
-                    vectors[i][m], versions[i][m] = result, routes.versions[m]
+                if is_active:
+                    vectors[i][m], versions[i][m] = result, in_use[m]
                 else:
                     shadow.setdefault(m, {})[items[i].item_id] = result
         return vectors, shadow

@@ -17,6 +17,8 @@ from fusionrec.gateway.config import encoder_deployment_name
 
 log = logging.getLogger("ray.serve")
 INFO_TIMEOUT_S = 5.0
+#: How long a refresh waits on an incoming encoder that has answered before (then its last answer holds).
+KNOWN_INFO_TIMEOUT_S = 1.0
 
 
 def swap_app_name(app_name: str, modality: str) -> str:
@@ -24,10 +26,10 @@ def swap_app_name(app_name: str, modality: str) -> str:
     return f"{app_name}-swap-{modality}"
 
 
-async def _version(handle: Any) -> str | None:
+async def _version(handle: Any, timeout_s: float = INFO_TIMEOUT_S) -> str | None:
     """The encoder version behind ``handle``, or None when it does not answer in time (absent app)."""
     try:
-        info = await asyncio.wait_for(_awaited(handle.info.remote()), INFO_TIMEOUT_S)
+        info = await asyncio.wait_for(_awaited(handle.info.remote()), timeout_s)
     except Exception:  # no such app, or it is going away: route around it
         return None
     return info["version"]
@@ -47,6 +49,7 @@ class EncoderRoutes:
         self.versions: dict[str, str] = {}
         self.shadow: dict[str, Any] = {}  # modality -> incoming encoder of a swap still filling
         self._incoming: dict[str, Any] = {}
+        self._answered: dict[str, str] = {}  # modality -> the version its incoming encoder last answered
 
     def incoming(self, modality: str) -> Any:
         """The handle of ``modality``'s swap application (kept: a new handle first waits for its routes)."""
@@ -70,11 +73,16 @@ class EncoderRoutes:
             active[m], versions[m] = handle, own[m]
             if m in swaps or own[m] != stored.get(m, own[m]):
                 incoming = self.incoming(m)
-                version = await _version(incoming)
+                known = self._answered.get(m)
+                version = await _version(incoming, KNOWN_INFO_TIMEOUT_S if known else INFO_TIMEOUT_S)
+                if version is not None:
+                    self._answered[m] = version
                 if m in swaps and version == swaps[m]:
                     shadow[m] = incoming
-                elif version is not None and version == stored.get(m) != own[m]:
-                    active[m], versions[m] = incoming, version  # swapped; the app's own not yet reconfigured
+                elif (version or known) == stored.get(m) != own[m]:
+                    # Swapped, the app's own deployment not yet reconfigured. An incoming encoder slow to
+                    # answer (busy cores, its lower priority) keeps serving: a swap app keeps its encoder.
+                    active[m], versions[m] = incoming, version or known
         if versions != self.versions:
             log.info("encoders in use: %s (shadow: %s)", versions, sorted(shadow))
         self.active, self.versions, self.shadow = active, versions, shadow

@@ -30,6 +30,9 @@ RUNTIME_ENV_DEFAULTS = {
     # (health NOT_SERVING, then server.grace_period_s for in-flight RPCs): the 30 s only delayed every
     # stop and redeploy of the Gateway.
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    # Replica-to-replica calls travel over Serve's own gRPC, 4 MiB by default: content up to the front
+    # door's limits (a 9.6 MB WAV, an over-large image to refuse) must reach the encoder that judges it.
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "2147483647",
 }
 #: Ray's own single-machine switch (its default on macOS/Windows): the node IP becomes 127.0.0.1, so
 #: GCS, raylet, agents and every worker's gRPC server listen on loopback only. Set for a Ray this
@@ -86,7 +89,7 @@ def start(config_path: str | Path | None = None, ray_address: str | None = None,
                     logging_config=serve_file.logging_config or None)
         handle = serve.run(builder(app.get("args") or {}, app.get("deployments") or []), name=serve_file.app_name,
                            route_prefix=None, logging_config=serve_file.logging_config or None)
-    info = call_handle(handle, "ready", timeout_s=600)
+    info = ready_everywhere(handle, serve_file.app_name, timeout_s=600)
     return Running(app_name=serve_file.app_name, host=info["host"], port=info["port"],
                    startup_s=time.monotonic() - t0, info=info)
 
@@ -215,6 +218,36 @@ def replica_ids(app_name: str) -> dict[str, set[str]]:
             deployment, replica = actor["name"][len(prefix):].split("#")
             out.setdefault(deployment, set()).add(replica)
     return out
+
+
+_LIVE = {"RUNNING", "STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION"}
+
+
+def ready_everywhere(handle: Any, app_name: str, timeout_s: float = 600) -> dict[str, Any]:
+    """The ingress' ready() answer once every replica of it is ready (each Gateway replica serves the shared
+    port, so a caller may meet any of them); ``info["gateways"]`` lists every replica's answer (pids,
+    metrics ports). Concurrent calls spread over the replicas (Serve routes by queue length)."""
+    import asyncio
+
+    from ray import serve
+
+    async def _gather() -> dict[str, dict[str, Any]]:
+        seen: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            deployment = serve.status().applications[app_name].deployments.get(handle.deployment_name)
+            states = deployment.replica_states if deployment is not None else {}
+            # Replicas still starting count too: a replacement (after a kill) must be waited for.
+            wanted = max(sum(n for state, n in states.items() if str(getattr(state, "value", state)) in _LIVE), 1)
+            calls = [_awaited(handle.ready.remote()) for _ in range(2 * wanted + 2)]
+            for info in await asyncio.wait_for(asyncio.gather(*calls), max(deadline - time.monotonic(), 1)):
+                seen[info.get("replica_id", "")] = info
+            if len(seen) >= wanted or time.monotonic() > deadline:
+                return seen
+            await asyncio.sleep(0.2)
+
+    infos = list(asyncio.run(_gather()).values())
+    return infos[0] | {"gateways": infos}
 
 
 def call_handle(handle: Any, method: str, *args: Any, timeout_s: float = 60) -> Any:

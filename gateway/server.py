@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import hmac
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fusionrec.v1 import recommender_pb2 as pb
 from fusionrec.v1 import recommender_pb2_grpc as pb_grpc
+from fusionrec.gateway.admission import Admission, LoadEstimator
 from fusionrec.gateway.config import ServerConfig
 from fusionrec.gateway.errors import status_of
 from fusionrec.gateway.requestlog import RequestLogInterceptor, current_request_id
@@ -118,11 +120,14 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     streams capped at `max_streams` per method instead."""
 
     def __init__(self, health_servicer: FrontDoorHealth, max_inflight: int, max_streams: int,
-                 on_reject: Reject | None = None) -> None:
+                 on_reject: Reject | None = None, shedding: Admission | None = None,
+                 default_deadline_s: float = 5.0) -> None:
         self._health = health_servicer
         self._on_reject = on_reject or _no_reject
         self._max_inflight = max_inflight
         self._max_streams = max_streams
+        self._shedding = shedding  # early RESOURCE_EXHAUSTED when the deadline cannot be met (admission.py)
+        self._default_deadline_s = default_deadline_s
         self.inflight = 0
         self.streams: collections.Counter[str] = collections.Counter()
 
@@ -148,11 +153,29 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many requests in flight (limit {self._max_inflight}); retry after {LIMIT_RETRY_AFTER_MS} ms",
                 trailing_metadata=(("grpc-retry-pushback-ms", str(LIMIT_RETRY_AFTER_MS)),))
+        estimator = await self._shed_if_late(method, context)
+        ticket = estimator.begin() if estimator is not None else None
         self.inflight += 1
         try:
             return await inner(request, context)
         finally:
             self.inflight -= 1
+            if ticket is not None:
+                estimator.end(ticket)
+
+    async def _shed_if_late(self, method: str, context: grpc.aio.ServicerContext) -> LoadEstimator | None:
+        """Abort RESOURCE_EXHAUSTED (with retry advice) when the work in flight cannot finish within this
+        request's deadline (gateway/admission.py); else the method's estimator (None: shedding is off)."""
+        if self._shedding is None:
+            return None
+        estimator = self._shedding.estimator(method)
+        remaining = context.time_remaining()
+        shed = estimator.verdict(self._default_deadline_s if remaining is None else remaining)
+        if shed is not None:
+            self._on_reject(method, shed.reason)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, shed.message(), trailing_metadata=(
+                ("grpc-retry-pushback-ms", str(round(shed.retry_after_s * 1000))),))
+        return estimator
 
     def _capped_stream(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         unary = handler.unary_stream is not None
@@ -180,15 +203,32 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                        response_serializer=handler.response_serializer)
 
 
+async def port_taken(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    """Whether something accepts connections on host:port already (another Gateway replica sharing it)."""
+    if port == 0:
+        return False
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(host, host.strip("[]"))
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(target, port), timeout_s)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
 def server_options(cfg: ServerConfig) -> list[tuple[str, int]]:
     """Message limits; keepalive so dead peers free their slots; a maximum connection age so long-lived HTTP/2
-    connections end (GOAWAY, in-flight RPCs get the grace period) and clients re-balance over Gateway replicas."""
+    connections end (GOAWAY, in-flight RPCs get the grace period) and clients re-balance over Gateway replicas;
+    SO_REUSEPORT per ``share_port``."""
     max_bytes = cfg.max_message_mb * 1024 * 1024
     options = [("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes),
                ("grpc.keepalive_time_ms", round(cfg.keepalive_time_s * 1000)),
                ("grpc.keepalive_timeout_ms", 20_000),
                # Clients (fusionrec.client) ping idle connections every 5 min: allow it without a GOAWAY.
-               ("grpc.http2.min_ping_interval_without_data_ms", 60_000)]
+               ("grpc.http2.min_ping_interval_without_data_ms", 60_000),
+               # Several Gateway replicas on one machine share the port (gRPC's default is on: say it, and
+               # turn it off when not wanted, so that a second server on a taken port fails to bind).
+               ("grpc.so_reuseport", int(cfg.share_port))]
     if cfg.max_connection_age_s > 0:
         options += [("grpc.max_connection_age_ms", round(cfg.max_connection_age_s * 1000)),
                     ("grpc.max_connection_age_grace_ms", round(cfg.grace_period_s * 1000))]
@@ -217,7 +257,9 @@ async def create_server(servicer: pb_grpc.RecommenderServicer, cfg: ServerConfig
     log: gateway/requestlog.py."""
     health_servicer = FrontDoorHealth()
     reject = metrics.reject if metrics is not None else None
-    admission = AdmissionInterceptor(health_servicer, cfg.max_inflight_requests, cfg.max_open_streams, reject)
+    shedding = Admission(cfg.admission_headroom, cfg.admission_latency_factor) if cfg.admission_enabled else None
+    admission = AdmissionInterceptor(health_servicer, cfg.max_inflight_requests, cfg.max_open_streams, reject,
+                                     shedding, cfg.default_deadline_ms / 1000)
     interceptors: list[grpc.aio.ServerInterceptor] = [admission, ErrorInterceptor(reject)]
     token = cfg.token()
     if token:

@@ -60,4 +60,4 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def RecordInteractions(self, request: pb.RecordInteractionsRequest, context) -> pb.RecordInteractionsResponse:
         n = await self._bounded(self.recommender.record([convert.interaction_from_pb(e) for e in request.interactions]),
                                 context, "RecordInteractions")
-        return pb.RecordInteractionsResponse(recorded=n)
+        return pb.RecordInteractionsResponse(recorded=n, duplicates=len(request.interactions) - n)

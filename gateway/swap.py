@@ -1,8 +1,9 @@
 """Swap one modality's encoder while serving (`fusionrec encoders swap`), over the running app's handles.
 
 1. The incoming encoder starts as its own deployment, in its own Serve application
-   (``<app>-swap-<modality>``): the app's deployments are not redeployed. (It runs at normal priority:
-   at nice 10 it did not lower Recommend's p99, and after the switch it serves queries until step 6.)
+   (``<app>-swap-<modality>``): the app's deployments are not redeployed. It runs as ``SwapSettings``
+   say: a fixed number of replicas (the re-encoding is a steady load that autoscaling would grow onto
+   the serving cores) at a lower priority (niceness), so that Recommend keeps the CPU it needs.
 2. The store collects its vectors beside the served ones (shadow vectors, retrieval/shadow.py); the
    Gateways notice within a refresh period and encode new upserts with both encoders.
 3. A re-encoding job reads every item's kept content and fills the shadow vectors, in concurrent
@@ -23,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from fusionrec.core.errors import FailedPrecondition
 from fusionrec.gateway.config import EncoderConfig, encoder_deployment_name
 from fusionrec.gateway.pipeline import REFRESH_PERIOD_S
@@ -30,39 +33,56 @@ from fusionrec.gateway.routing import swap_app_name
 from fusionrec.gateway.runtime import render_config
 
 Echo = Callable[[str], None]
-CHUNK = 32  # items per re-encoding call (the encoder replica batches across concurrent chunks)
-CONCURRENCY = 4  # chunks in flight
 RETRIES = 20  # per chunk, e.g. while Serve restarts a killed encoder replica
+
+
+class SwapSettings(BaseModel):
+    """How the incoming encoder and its re-encoding job run (the trade between re-encoding speed and
+    serving latency on shared cores: README, `fusionrec bench swap`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chunk_items: int = Field(32, ge=1, description="Items per re-encoding call (read kept content, encode, "
+                                                   "write shadow vectors).")
+    concurrency: int = Field(2, ge=1, description="Re-encoding calls in flight; the incoming replicas batch "
+                                                  "across them, so 2 keeps one replica busy between calls.")
+    replicas: int = Field(1, ge=1, description="Replicas of the incoming encoder, fixed (no autoscaling).")
+    max_batch_size: int | None = Field(None, ge=1, description="The incoming encoder's batch size; None: the "
+                                                               "app's setting for that encoder.")
+    niceness: int = Field(19, ge=0, le=19, description="Niceness of the incoming encoder's replicas, at least (0: "
+                                                       "as Ray starts them, RAY_worker_niceness: 15 by default), so "
+                                                       "Recommend preempts the re-encoding.")
 
 
 def swap_encoder(modality: str, encoder: EncoderConfig, config: Path, ray_address: str = "auto", *,
                  overrides: dict[str, Any] | None = None, app_name: str = "fusionrec", echo: Echo = print,
-                 **train_options: Any) -> dict[str, Any]:
+                 settings: SwapSettings | None = None, **train_options: Any) -> dict[str, Any]:
     """Run steps 1-6 above; returns a report (versions, items re-encoded, rate, times)."""
     from ray import serve
 
     from fusionrec.gateway.runtime import call_handle, connect
 
     connect(ray_address)
+    settings = settings or SwapSettings()
     retrieval = serve.get_deployment_handle("Retrieval", app_name)
     overrides = live_overrides(config, overrides, app_name)  # every redeploy below keeps what runs now
     rendered = render_config(config, overrides)["applications"][0]
     t0 = time.monotonic()
     before = call_handle(retrieval, "info", timeout_s=120)["encoder_versions"][modality]
-    incoming = _start_incoming(modality, encoder, rendered, app_name)
+    incoming = _start_incoming(modality, encoder, rendered, app_name, settings)
     info = call_handle(incoming, "info", timeout_s=600)
     status = call_handle(retrieval, "begin_swap", modality, info["version"], info["dim"], timeout_s=600)
     echo(f"swapping {modality}: -> {info['version']} ({status['done']}/{status['items']} items already re-encoded"
          f"{', resumed' if status['resumed'] else ''})")
     time.sleep(2 * REFRESH_PERIOD_S)  # every Gateway now encodes new upserts with both encoders
-    reencode = asyncio.run(reencode_all(retrieval, incoming, modality, echo))
+    reencode = asyncio.run(reencode_all(retrieval, incoming, modality, echo, settings))
     fusion_cfg = _refit(modality, info["version"], config, ray_address, overrides, app_name, echo, **train_options)
     model_version = call_handle(serve.get_deployment_handle("Fusion", app_name), "info", timeout_s=120)["version"]
     t_commit = time.monotonic()
     try:
         committed = call_handle(retrieval, "commit_swap", modality, model_version, timeout_s=3600)
     except FailedPrecondition:  # an upsert slipped past the dual encoding: re-encode it, then switch
-        asyncio.run(reencode_all(retrieval, incoming, modality, echo))
+        asyncio.run(reencode_all(retrieval, incoming, modality, echo, settings))
         committed = call_handle(retrieval, "commit_swap", modality, model_version, timeout_s=3600)
     switch_s = time.monotonic() - t_commit
     echo(f"switched: {committed['items']} items now hold {modality} {info['version']}, model {model_version} "
@@ -72,7 +92,8 @@ def swap_encoder(modality: str, encoder: EncoderConfig, config: Path, ray_addres
     serve.delete(swap_app_name(app_name, modality))
     report = {"modality": modality, "from": before, "to": info["version"], "model_version": model_version,
               **reencode, "switch_s": round(switch_s, 2),
-              "swap_total_s": round(time.monotonic() - t0, 2), "encoder": encoder.model_dump()}
+              "swap_total_s": round(time.monotonic() - t0, 2), "encoder": encoder.model_dump(),
+              "settings": settings.model_dump()}
     echo(f"done in {report['swap_total_s']} s. To keep it across restarts, set in your config's deployments list: "
          f"- name: {encoder_deployment_name(modality)}\n    user_config: {{encoder: {encoder.model_dump()}}}")
     return report
@@ -96,33 +117,48 @@ def live_overrides(config: Path, overrides: dict[str, Any] | None, app_name: str
     return {**(overrides or {}), "deployments": deployments, "fusion": fusion}
 
 
-def _start_incoming(modality: str, encoder: EncoderConfig, rendered: dict[str, Any], app_name: str) -> Any:
-    """The incoming encoder as its own application, with the app's settings for that deployment."""
+def incoming_options(modality: str, rendered: dict[str, Any], settings: SwapSettings) -> dict[str, Any]:
+    """Deployment options of the incoming encoder: the app's for that deployment (``rendered``: its
+    application config), but a fixed replica count, and ``settings``' batch size and niceness."""
+    from fusionrec.gateway.app import deployment_options
+
+    options = deployment_options(encoder_deployment_name(modality), rendered.get("deployments"))
+    user_config = {k: v for k, v in (options.get("user_config") or {}).items() if k != "encoder"}
+    if settings.max_batch_size:
+        user_config["max_batch_size"] = settings.max_batch_size
+    options["user_config"] = {**user_config, "niceness": settings.niceness}
+    options.pop("autoscaling_config", None)
+    return options | {"num_replicas": settings.replicas}
+
+
+def _start_incoming(modality: str, encoder: EncoderConfig, rendered: dict[str, Any], app_name: str,
+                    settings: SwapSettings | None = None) -> Any:
+    """The incoming encoder as its own application (``incoming_options``)."""
     from ray import serve
 
-    from fusionrec.gateway.app import deployment_options
     from fusionrec.gateway.deployments import EncoderDeployment
 
-    name = encoder_deployment_name(modality)
-    options = deployment_options(name, rendered.get("deployments"))
-    options["user_config"] = {k: v for k, v in (options.get("user_config") or {}).items() if k != "encoder"}
+    options = incoming_options(modality, rendered, settings or SwapSettings())
     app = EncoderDeployment.options(**options).bind(modality, encoder.model_dump())
     serve.run(app, name=swap_app_name(app_name, modality), route_prefix=None)
-    return serve.get_deployment_handle(name, swap_app_name(app_name, modality))
+    return serve.get_deployment_handle(encoder_deployment_name(modality), swap_app_name(app_name, modality))
 
 
-async def reencode_all(retrieval: Any, incoming: Any, modality: str, echo: Echo = print) -> dict[str, Any]:
+async def reencode_all(retrieval: Any, incoming: Any, modality: str, echo: Echo = print,
+                       settings: SwapSettings | None = None) -> dict[str, Any]:
     """Fill the shadow vectors of every item still lacking one, until none is left."""
     from tqdm import tqdm
 
+    settings = settings or SwapSettings()
     done, failed, t0 = 0, set(), time.monotonic()
     while True:
         todo = {i: d for i, d in (await retrieval.swap_todo.remote(modality)).items() if i not in failed}
         if not todo:
             break
         pairs = list(todo.items())
-        chunks = [dict(pairs[i:i + CHUNK]) for i in range(0, len(pairs), CHUNK)]
-        gate = asyncio.Semaphore(CONCURRENCY)
+        size = settings.chunk_items
+        chunks = [dict(pairs[i:i + size]) for i in range(0, len(pairs), size)]
+        gate = asyncio.Semaphore(settings.concurrency)
         with tqdm(total=len(todo), desc=f"re-encode {modality}", unit="item") as bar:
             async def one(chunk: dict[str, str]) -> None:
                 async with gate:
@@ -154,7 +190,7 @@ async def _reencode_chunk(retrieval: Any, incoming: Any, modality: str, digests:
             return [i for i in keys if i not in good]
         except Exception:  # a replica restarting (killed, redeployed): wait and retry the chunk
             await asyncio.sleep(min(0.5 * 2 ** attempt, 5.0))
-    raise RuntimeError(f"re-encoding {len(ids)} {modality} items kept failing; rerun to resume")
+    raise RuntimeError(f"re-encoding {len(digests)} {modality} items kept failing; rerun to resume")
 
 
 def _refit(modality: str, version: str, config: Path, ray_address: str, overrides: dict[str, Any] | None,

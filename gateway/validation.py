@@ -7,6 +7,7 @@ rules the store applies; this module adds the per-request limits of LimitsConfig
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 
@@ -103,14 +104,18 @@ def check_items(items: list[ItemInput], limits: LimitsConfig, modality_dims: dic
             raise InvalidArgument(f"{what}: give content or vectors for at least one modality")
 
 
-def check_interactions(events: list[InteractionEvent], limits: LimitsConfig) -> None:
+def check_interactions(events: list[InteractionEvent], limits: LimitsConfig, now_s: float | None = None) -> None:
+    """Raise InvalidArgument unless every event can be recorded; a timestamp of 0 (now) is not checked."""
     if not events:
         raise InvalidArgument("interactions must not be empty")
     if len(events) > limits.max_interactions_batch:
         raise InvalidArgument(f"{len(events)} interactions in one call; the limit is {limits.max_interactions_batch}")
+    now_s = time.time() if now_s is None else now_s
     for i, e in enumerate(events):
         check_id(e.user_id, f"interactions[{i}].user_id", limits)
         check_id(e.item_id, f"interactions[{i}].item_id", limits)
-        if not math.isfinite(e.timestamp_s) or e.timestamp_s < 0:
-            raise InvalidArgument(f"interactions[{i}].timestamp_s must be a non-negative number of seconds")
         rules.check_kind(e.kind, f"interactions[{i}].kind")
+        rules.check_event_id(e.event_id, f"interactions[{i}].event_id")
+        if e.timestamp_s != 0:
+            rules.check_timestamp(e.timestamp_s, now_s, limits.max_future_skew_s, limits.min_timestamp_s,
+                                  f"interactions[{i}].timestamp_s")

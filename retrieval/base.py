@@ -54,10 +54,14 @@ class FilterSpec:
 
 @dataclass
 class InteractionEvent:
+    """A user-item event. ``event_id``: the caller's idempotency key, unique per user ("" = none):
+    an event whose (user_id, event_id) is stored already is not stored again."""
+
     user_id: str
     item_id: str
     kind: str
     timestamp_s: float
+    event_id: str = ""
 
 
 @dataclass
@@ -128,8 +132,9 @@ class ItemStore(ABC):
         """Every stored item, in batches (for re-indexing)."""
 
     @abstractmethod
-    def record_interactions(self, events: list[InteractionEvent]) -> None:
-        """Append interaction events; durable when it returns."""
+    def record_interactions(self, events: list[InteractionEvent]) -> int:
+        """Append interaction events; durable when it returns. Returns how many were stored: events whose
+        (user_id, event_id) was stored before, or earlier in ``events``, are not stored again."""
 
     @abstractmethod
     def history(self, user_id: str, limit: int) -> list[InteractionEvent]:

@@ -16,6 +16,8 @@ import numpy as np
 
 from fusionrec.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from fusionrec.fusion.base import FusionModel
+from fusionrec.ranking.features import CandidateList
+from fusionrec.ranking.stage import RankingStage, query_vector
 from fusionrec.retrieval.base import Candidate, FilterSpec, InteractionEvent, StoredItem, StoreSchema, StoreSwitched
 from fusionrec.retrieval.content import ContentStore
 from fusionrec.retrieval.query import Ranked, RecommendQuery
@@ -38,10 +40,13 @@ class RetrievalEngine:
     follows switches made by other replicas (``sync``). Thread-safe.
     """
 
-    def __init__(self, store: MilvusStore, content: ContentStore | None = None) -> None:
+    def __init__(self, store: MilvusStore, content: ContentStore | None = None,
+                 ranking: RankingStage | None = None) -> None:
         self.store = store
         #: where items' raw content is kept (retrieval/content.py); None: content is not kept
         self.content = content
+        #: re-scores the top N candidates of a search (fusionrec.ranking.stage); None: the search's order
+        self.ranking = ranking
         # one client call at a time on Lite (single-threaded); a server takes concurrent calls
         self._lock = contextlib.nullcontext() if store.shared else threading.RLock()
 
@@ -49,9 +54,10 @@ class RetrievalEngine:
     def open(cls, uri: str, schema: StoreSchema, *, token: str = "", items_collection: str = "items",
              interactions_collection: str = "interactions", search_backend: str = "auto",
              index_params: dict[str, Any] | None = None, flush_every_rows: int | None = None,
-             content: ContentStore | None = None, server: ServerOptions | None = None) -> "RetrievalEngine":
+             content: ContentStore | None = None, server: ServerOptions | None = None,
+             ranking: RankingStage | None = None) -> "RetrievalEngine":
         """Open (or create) the Milvus store at ``uri`` (options: see MilvusStore); ``content``
-        keeps the raw content of upserted items (None: not kept).
+        keeps the raw content of upserted items (None: not kept); ``ranking`` re-scores candidates.
 
         A store whose fused vectors come from another fusion model than ``schema`` names opens
         as stored (``self.schema``); ``reindex`` moves it to the configured model.
@@ -61,7 +67,8 @@ class RetrievalEngine:
         return cls(MilvusStore(uri, schema, items_collection=items_collection,
                                interactions_collection=interactions_collection, token=token,
                                search_backend=search_backend, index_params=index_params,
-                               accept_stored_model=True, flush_every_rows=flush_every_rows, server=server), content)
+                               accept_stored_model=True, flush_every_rows=flush_every_rows, server=server), content,
+                   ranking)
 
     def sync(self, force: bool = False) -> bool:
         """Follow a re-index or swap another replica committed on a shared server (MilvusStore.sync)."""
@@ -153,15 +160,15 @@ class RetrievalEngine:
         return self.fused_vectors([e.item_id for e in events])
 
     def record_interactions(self, events: list[InteractionEvent]) -> int:
-        """Append events; raises NotFound, recording nothing, when one names an unknown item."""
+        """Append events; raises NotFound, recording nothing, when one names an unknown item. Returns how
+        many were stored (a repeated (user_id, event_id) is not: MilvusStore.record_interactions)."""
         with self._lock:
             known = self.store.known(sorted({e.item_id for e in events}))
             missing = sorted({e.item_id for e in events} - known)
             if missing:
                 raise NotFound(f"interactions name unknown items {missing[:10]}; upsert them first "
                                "(nothing from this batch was recorded)")
-            self.store.record_interactions(events)
-        return len(events)
+            return self.store.record_interactions(events)
 
     # ----------------------------------------------------------------- recommend
 
@@ -212,11 +219,34 @@ class RetrievalEngine:
             except ValueError as err:  # e.g. a query only in modalities this model was not trained on
                 raise InvalidArgument(f"fusion model {model.version} cannot use this request: {err}") from None
             exclude = set(q.exclude_item_ids) | (set() if q.include_seen else set(history_ids))
-            candidates = self.store.search(user, q.k, q.filters, exclude)
+            ranking = self.ranking  # one stage for the whole request
+            n = q.k if ranking is None else max(q.k, ranking.candidates_n)
+            candidates = self.store.search(user, n, q.filters, exclude)  # filters and exclusions hold here
+            known = self._ranking_inputs(ranking, candidates, history_ids) if ranking and candidates else {}
         if not candidates:
             return Ranked([], [], {}, bool(len(history)))
         fused = np.stack([c.fused for c in candidates])
-        return Ranked(candidates, (fused @ user).tolist(), model.contributions(user, fused), bool(len(history)))
+        scores = fused @ user
+        if ranking is not None:
+            lst = CandidateList(user=user, history=history, fused=fused, scores=scores,
+                                query_user=query_vector(model, query) if ranking.wants_query else None,
+                                attributes=[c.attributes for c in candidates], **known)
+            order, scores = ranking.rerank(model, lst, q.k)
+            candidates, fused = [candidates[i] for i in order], fused[order]
+        # contributions: each returned item's retrieval score split per modality (the ranker's score is not)
+        return Ranked(candidates, scores.tolist(), model.contributions(user, fused), bool(len(history)))
+
+    def _ranking_inputs(self, ranking: RankingStage, candidates: list[Candidate], history_ids: list[str]
+                        ) -> dict[str, Any]:
+        """What the ranker needs from the store (under the engine lock): popularity, and the history's
+        attributes when it matches attributes."""
+        out: dict[str, Any] = {"popularity": ranking.popularity([c.item_id for c in candidates],
+                                                                 self.store.popularity())}
+        if ranking.wants_attributes and history_ids:  # attributes only, as popular() reads them
+            zero = np.zeros(self.schema.fused_dim, np.float32)
+            found = self.store.search(zero, len(set(history_ids)), None, None, only_ids=set(history_ids))
+            out["history_attributes"] = [c.attributes for c in found]
+        return out
 
     def popular(self, k: int, filters: list[FilterSpec] | None = None, exclude: set[str] | None = None,
                 chunk: int = POPULAR_CHUNK) -> Ranked:
@@ -273,8 +303,10 @@ class RetrievalEngine:
             shadow = self.store.shadow(modality)
             state = shadow.state()
             have = shadow.ids() if state else set()
-            holding = [(it.item_id, bool((it.content or {}).get(modality)))
-                       for batch in self.store.iter_items() for it in batch if modality in it.modality_vectors]
+        # The scan of every item runs without the engine lock, as a re-index reads: Recommend must not wait
+        # for it (10,000 items: 8 s; `fusionrec bench swap`).
+        holding = [(it.item_id, bool((it.content or {}).get(modality)))
+                   for batch in self.store.iter_items() for it in batch if modality in it.modality_vectors]
         return {"modality": modality, "version": state and state["version"], "items": len(holding),
                 "done": sum(i in have for i, _ in holding),
                 "without_content": sorted(i for i, kept in holding if not kept and i not in have)}
@@ -284,8 +316,8 @@ class RetrievalEngine:
         (``read_digests`` then reads the content without touching the store)."""
         with self._lock:
             have = self.store.shadow(modality).ids()
-            return {it.item_id: it.content[modality] for batch in self.store.iter_items() for it in batch
-                    if modality in it.modality_vectors and it.item_id not in have and (it.content or {}).get(modality)}
+        return {it.item_id: it.content[modality] for batch in self.store.iter_items() for it in batch  # unlocked,
+                if modality in it.modality_vectors and it.item_id not in have and (it.content or {}).get(modality)}
 
     def put_shadow(self, modality: str, vectors: dict[str, np.ndarray]) -> int:
         """Store incoming-encoder vectors of ``modality`` by item id ((dim,) each); raises

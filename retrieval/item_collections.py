@@ -15,6 +15,7 @@ from fusionrec.retrieval.base import SchemaMismatch, StoreSchema
 from fusionrec.retrieval.connection import MilvusConnection
 from fusionrec.retrieval.layout import (
     F_FUSED,
+    KEYED_SUFFIX,
     LOCK_SUFFIX,
     MODALITY_SUFFIX,
     MVEC_SUFFIX,
@@ -57,10 +58,10 @@ class CollectionNames:
             raise ValueError("items and interactions collections must differ")
         if REINDEX_SEP in self.items:
             raise ValueError(f"items collection name must not contain {REINDEX_SEP!r}")
-        own = (self.mvec, self.items + STATE_SUFFIX, self.items + LOCK_SUFFIX)
-        if self.interactions in own or self.interactions.startswith((self.items + MODALITY_SUFFIX,
-                                                                       self.items + SHADOW_INFIX)):
-            raise ValueError(f"collection name {self.interactions!r} is reserved for the items' own collections")
+        own = (self.items, self.mvec, self.items + STATE_SUFFIX, self.items + LOCK_SUFFIX)
+        for name in (self.interactions, self.interactions + KEYED_SUFFIX):  # the interactions' own collections
+            if name in own or name.startswith((self.items + MODALITY_SUFFIX, self.items + SHADOW_INFIX)):
+                raise ValueError(f"collection name {name!r} is reserved for the items' own collections")
         return self
 
 

@@ -12,7 +12,10 @@
   deleted after it. Its properties also record which items collection is active
   (``PROP_ACTIVE_ITEMS``) once the store has been re-indexed (Lite has no aliases).
 - ``<interactions>``: ``pk`` INT64 auto-id, ``user_id``, ``item_id``, ``kind`` VARCHAR,
-  ``ts`` DOUBLE, ``dummy_vec`` FLOAT_VECTOR(2) (Milvus needs one vector field).
+  ``ts`` DOUBLE, ``dummy_vec`` FLOAT_VECTOR(2) (Milvus needs one vector field): events without an id.
+- ``<interactions>_keyed``: events with an idempotency key. ``id`` VARCHAR pk = sha256 of
+  (user id, event id), so writing an event again replaces it instead of adding one; ``seq`` INT64
+  (write order, breaks timestamp ties like ``pk`` above), ``event_id`` and the fields above.
 
 On a Milvus server (2.3 allows one vector field per collection; retrieval/server_items.py):
 
@@ -31,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fusionrec.core.rules import ID_MAX_BYTES, KIND_MAX_BYTES, VERSION_MAX_BYTES
+from fusionrec.core.rules import EVENT_ID_MAX_BYTES, ID_MAX_BYTES, KIND_MAX_BYTES, VERSION_MAX_BYTES
 
 STORE_FORMAT = "1"
 PROP_SCHEMA = "fusionrec.store_schema"  # items collection: StoreSchema as JSON
@@ -58,6 +61,10 @@ F_KIND = "kind"
 F_TS = "ts"
 F_DUMMY = "dummy_vec"
 DUMMY_DIM = 2
+KEYED_SUFFIX = "_keyed"  # <interactions>_keyed: events with an event id
+F_SEQ = "seq"
+F_EVENT_ID = "event_id"
+EVENT_KEY_MAX = 64  # sha256 hex of (user id, event id)
 
 MODALITY_NAME_MAX = 64
 
@@ -171,6 +178,22 @@ def interactions_schema():
     s.add_field(F_ITEM, DataType.VARCHAR, max_length=ID_MAX_BYTES)
     s.add_field(F_KIND, DataType.VARCHAR, max_length=KIND_MAX_BYTES)
     s.add_field(F_TS, DataType.DOUBLE)
+    s.add_field(F_DUMMY, DataType.FLOAT_VECTOR, dim=DUMMY_DIM)
+    return s, [(F_DUMMY, "dummy")]
+
+
+def keyed_interactions_schema():
+    """(schema, [(vector field, index role)]) of the collection of events with an idempotency key."""
+    from pymilvus import DataType, MilvusClient
+
+    s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    s.add_field(F_ID, DataType.VARCHAR, is_primary=True, max_length=EVENT_KEY_MAX)
+    s.add_field(F_SEQ, DataType.INT64)
+    s.add_field(F_USER, DataType.VARCHAR, max_length=ID_MAX_BYTES)
+    s.add_field(F_ITEM, DataType.VARCHAR, max_length=ID_MAX_BYTES)
+    s.add_field(F_KIND, DataType.VARCHAR, max_length=KIND_MAX_BYTES)
+    s.add_field(F_TS, DataType.DOUBLE)
+    s.add_field(F_EVENT_ID, DataType.VARCHAR, max_length=EVENT_ID_MAX_BYTES)
     s.add_field(F_DUMMY, DataType.FLOAT_VECTOR, dim=DUMMY_DIM)
     return s, [(F_DUMMY, "dummy")]
 

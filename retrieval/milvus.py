@@ -71,6 +71,7 @@ from fusionrec.retrieval.schema_meta import validate_schema
 from fusionrec.retrieval.search import load_mirror, resolve_backend, search_milvus, search_mirror
 from fusionrec.retrieval.server_items import ServerItems, ServerOptions
 from fusionrec.retrieval.swap import EncoderSwaps
+from fusionrec.retrieval.upsert_journal import UpsertJournal
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class MilvusStore(EncoderSwaps, ItemStore):
         self._mirror: ItemMirror | None = None
         self._server: ServerItems | None = None
         self._vectors: PackedVectors | SplitVectors | None = None
+        self._journal: UpsertJournal | None = None  # Lite: upserts under way (upsert_journal.py)
         self._conn = MilvusConnection(uri, token, flush_every_rows, mirrored=search_backend == "memory",
                                       consistency_level=options.consistency_level)
         try:
@@ -137,6 +139,7 @@ class MilvusStore(EncoderSwaps, ItemStore):
             else:
                 content_field, history = self._open_server(schema, accept_stored_model, options), None
             self._rows = ItemRows(self.schema, content_field)
+            self._finish_pending()  # an upsert a crash interrupted, before anything reads the items
             if not self._rows.content_field:
                 logger.warning("store %s predates content retention: kept content is not recorded per item "
                                "(re-ingest into a new store to record it)", self._conn.where)
@@ -155,6 +158,7 @@ class MilvusStore(EncoderSwaps, ItemStore):
         # the collection holding the items now (see reindex), and what it holds
         self._items, self.schema = open_items(self._conn, self._names, schema, accept_stored_model)
         self._vectors = PackedVectors(self._conn, self._names.mvec)
+        self._journal = UpsertJournal(self._conn.where)
         return has_field(self._conn, self._names.mvec, F_CONTENT)
 
     def _open_server(self, schema: StoreSchema, accept_stored_model: bool, options: ServerOptions) -> bool:
@@ -204,7 +208,7 @@ class MilvusStore(EncoderSwaps, ItemStore):
     def flush(self) -> None:
         """Flush every collection now (Lite: moves memtable rows into segments)."""
         items = self._server.target if self._server is not None else self._items
-        self._conn.flush([*self._vectors.collections, items, self.interactions_collection])
+        self._conn.flush([*self._vectors.collections, items, *self._log.collections])
 
     # ----------------------------------------------------------------- writes
 
@@ -213,29 +217,27 @@ class MilvusStore(EncoderSwaps, ItemStore):
             return
         if self._server is not None:
             with self._write_lock:
-                self._server.fenced(lambda target: self._write_rows(target, *self._prepare(items)),
+                self._server.fenced(lambda target: self._write_rows(target, *self._rows.prepare_batch(items)),
                                     lambda: self.sync(force=True))
             return
-        irows, mrows = self._prepare(items)
+        irows, mrows = self._rows.prepare_batch(items)
         with self._write_lock:
-            self._write_rows(self._items, irows, mrows)
-            if self._mirror is not None:
-                self._mirror.upsert(
-                    [r[F_ID] for r in irows],
-                    np.stack([r[F_FUSED] for r in irows]),
-                    [attrs_from_row(r) for r in irows],
-                )
-        self._vectors.after_write(len(mrows))
+            self._finish_pending()
+            self._journal.write(irows, mrows, self._write_lite)
+
+    def _write_lite(self, irows: list[dict], mrows: list[dict]) -> None:
+        """Both collections, then the in-memory index (caller holds the write lock)."""
+        self._write_rows(self._items, irows, mrows)
+        if self._mirror is not None:
+            self._mirror.upsert([r[F_ID] for r in irows], np.stack([r[F_FUSED] for r in irows]),
+                                [attrs_from_row(r) for r in irows])
+        self._vectors.after_write(len(irows))
         self._conn.after_write(self._items, len(irows))
 
-    def _prepare(self, items: list[StoredItem]) -> tuple[list[dict], list[dict]]:
-        """(items rows, modality-vectors rows), every item checked before anything is written; last one wins."""
-        by_id: dict[str, tuple[dict, dict]] = {}
-        for item in items:
-            irow, mrow = self._rows.prepare(item)
-            by_id.pop(irow[F_ID], None)
-            by_id[irow[F_ID]] = (irow, mrow)
-        return [r for r, _ in by_id.values()], [r for _, r in by_id.values()]
+    def _finish_pending(self) -> None:
+        """Lite: write again every upsert a failure or crash cut short (upsert_journal.py), under the write lock."""
+        if self._journal is not None:
+            self._journal.finish(self.schema.model_version, self._write_lite)
 
     def _write_rows(self, items: str, irows: list[dict], mrows: list[dict]) -> None:
         # modality vectors first, so a searchable item always has its vectors
@@ -256,6 +258,7 @@ class MilvusStore(EncoderSwaps, ItemStore):
             if self._server is not None:
                 self._server.fenced(delete_from, lambda: self.sync(force=True))
                 return gone
+            self._finish_pending()  # else an unfinished upsert, finished later, would bring items back
             delete_from(self._items)
             if self._mirror is not None:
                 self._mirror.delete(gone)
@@ -291,7 +294,8 @@ class MilvusStore(EncoderSwaps, ItemStore):
         """Reads of items and interactions in this block (this thread) see every write acknowledged
         before it, by any replica, for one wait on the server instead of one per read
         (MilvusConnection.caught_up); a no-op on Lite and below Strong consistency."""
-        with self._conn.caught_up({self._items: f'{F_ID} == ""', self.interactions_collection: f"{F_PK} == -1"}):
+        with self._conn.caught_up({self._items: f'{F_ID} == ""', self.interactions_collection: f"{F_PK} == -1",
+                                   self._log.keyed: f'{F_ID} == ""'}):
             yield
 
     def fused(self, item_ids: list[str]) -> dict[str, np.ndarray]:
@@ -398,6 +402,7 @@ class MilvusStore(EncoderSwaps, ItemStore):
         """On a server: hold the lock shared by every replica, up to date with the alias (caller holds the
         write lock)."""
         if self._server is None:
+            self._finish_pending()  # the rebuild copies the items: complete ones only
             yield
             return
         with self._server.rebuilding(what):
@@ -431,8 +436,9 @@ class MilvusStore(EncoderSwaps, ItemStore):
 
     # ----------------------------------------------------------------- interactions
 
-    def record_interactions(self, events: list[InteractionEvent]) -> None:
-        self._log.record(events)
+    def record_interactions(self, events: list[InteractionEvent]) -> int:
+        """Store events; returns how many were new (InteractionLog.record: a repeated event id is skipped)."""
+        return self._log.record(events)
 
     def history(self, user_id: str, limit: int) -> list[InteractionEvent]:
         return self._log.history(user_id, limit)

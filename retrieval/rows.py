@@ -65,6 +65,15 @@ class ItemRows:
             irow[attr_field(name)] = check_attr_value(name, value)
         return irow, mrow
 
+    def prepare_batch(self, items: list[StoredItem]) -> tuple[list[dict], list[dict]]:
+        """(items rows, modality-vectors rows), every item checked before anything is written; last one wins."""
+        by_id: dict[str, tuple[dict, dict]] = {}
+        for item in items:
+            irow, mrow = self.prepare(item)
+            by_id.pop(irow[F_ID], None)
+            by_id[irow[F_ID]] = (irow, mrow)
+        return [r for r, _ in by_id.values()], [r for _, r in by_id.values()]
+
     def _modality_row(self, item_id: str, item: StoredItem) -> dict[str, Any]:
         vectors = item.modality_vectors or {}
         unknown = set(vectors) - set(self.schema.modality_dims)

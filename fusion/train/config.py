@@ -39,6 +39,10 @@ VARIANTS: dict[str, VariantConfig] = {
     "id+text": VariantConfig(groups=("text",), use_id=True, graph=True),
     "id+audio": VariantConfig(groups=("audio",), use_id=True, graph=True),
     "text+audio": VariantConfig(groups=("text", "audio"), use_id=False, graph=False),
+    # One net per user tower kind (the tower comparison; fusionrec.fusion.towers.USER_TOWERS).
+    "full-attention": VariantConfig(groups=("text", "audio"), use_id=True, graph=True,
+                                    overrides={"user_tower": "attention"}),
+    "full-gru": VariantConfig(groups=("text", "audio"), use_id=True, graph=True, overrides={"user_tower": "gru"}),
     "lightgcn": VariantConfig(kind="lightgcn", groups=(), use_id=True, graph=True,
                               overrides={"batch_users": 1024, "lr": 1e-2}),
 }
@@ -57,6 +61,9 @@ class TrainConfig:
     """Hyper-parameters shared by every variant (fixed defaults; the CLI may override a few)."""
 
     block_dim: int = 64
+    #: User tower by name (fusionrec.fusion.towers.USER_TOWERS): "attention" (pooling with a recency bias) or
+    #: "gru" (the same plus a GRU over the ordered history).
+    user_tower: str = "attention"
     hidden: int = 256
     epochs: int = 200
     patience: int = 10
@@ -64,6 +71,9 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     keep_prob: float = 0.5  # share of a user's train history fed to the user tower at train time
+    #: Share of users per batch split chronologically (the first >= keep_prob of the history in, the rest out)
+    #: instead of at random: teaches a sequence-aware tower to predict what comes next.
+    prefix_share: float = 0.0
     modality_dropout: float = 0.2
     id_dropout: float = 0.1
     align_weight: float = 0.1

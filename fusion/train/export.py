@@ -56,6 +56,7 @@ def export_payload(net: FusionNet | EnsembleNet, data: InteractionData, variant_
         "block_dim": cfg.block_dim,
         "normalize": bool(cfg.normalize),
         "hidden": cfg.hidden,
+        "user_tower": cfg.user_tower,
         "item_ids": [str(int(i)) for i in known.tolist()],
         "id_rows": known.clone(),  # id-table row of each entry of item_ids
         "n_id_rows": first.n_items if first.item_tower.id_emb is not None else 0,

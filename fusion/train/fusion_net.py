@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fusionrec.fusion.cold import ColdStart, centred_units
-from fusionrec.fusion.towers import ItemTower, UserTower
+from fusionrec.fusion.towers import ItemTower, build_user_tower
 from fusionrec.fusion.train.config import TrainConfig, VariantConfig, variant_modalities
 from fusionrec.fusion.train.data import InteractionData
 from fusionrec.fusion.train.graph import content_knn_graph, cooccurrence_graph, to_torch
@@ -65,7 +65,7 @@ class FusionNet(nn.Module):
         means = {m: x[known].mean(0) if known.any() else x.mean(0) for m, x in features.items()}
         self.item_tower = ItemTower({m: x.shape[1] for m, x in features.items()}, n_items if use_id else 0,
                                     cfg.block_dim, means, hidden=cfg.hidden)
-        self.user_tower = UserTower(self.item_tower.dim)
+        self.user_tower = build_user_tower(cfg.user_tower, self.item_tower.dim)
 
     @classmethod
     def from_data(cls, variant: VariantConfig, data: InteractionData, cfg: TrainConfig,

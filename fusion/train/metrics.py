@@ -58,6 +58,26 @@ def topk_items(score_fn: Callable[[np.ndarray], torch.Tensor], users: np.ndarray
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 
+def per_user_metrics(topk: np.ndarray, positives: list[np.ndarray], ks: tuple[int, ...] = (10, 20)
+                     ) -> dict[str, np.ndarray]:
+    """Per-user Recall/NDCG/Precision@k (the inputs of paired significance tests; users without a positive
+    are left out, as in ``ranking_metrics``).
+
+    Returns:
+        {"recall@10": (u',) float64, "ndcg@10": ..., "precision@10": ..., ...} over the users with a positive.
+    """
+    keep = np.asarray([len(p) > 0 for p in positives], dtype=bool)
+    positives = [p for p, k in zip(positives, keep) if k]
+    n_pos = np.asarray([len(p) for p in positives])
+    hits = hit_matrix(topk[keep], positives)
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        out[f"recall@{k}"] = recall_at(hits, n_pos, k) if len(hits) else np.zeros(0)
+        out[f"ndcg@{k}"] = ndcg_at(hits, n_pos, k) if len(hits) else np.zeros(0)
+        out[f"precision@{k}"] = precision_at(hits, k) if len(hits) else np.zeros(0)
+    return out
+
+
 def ranking_metrics(topk: np.ndarray, positives: list[np.ndarray], n_items: int,
                     ks: tuple[int, ...] = (10, 20)) -> dict[str, float]:
     """Mean metrics over users with at least one positive.
@@ -68,15 +88,9 @@ def ranking_metrics(topk: np.ndarray, positives: list[np.ndarray], n_items: int,
         {"recall@10": ..., "ndcg@10": ..., "precision@10": ..., "coverage@10": ..., ...}.
     """
     keep = np.asarray([len(p) > 0 for p in positives], dtype=bool)
-    topk = topk[keep]
-    positives = [p for p, k in zip(positives, keep) if k]
-    n_pos = np.asarray([len(p) for p in positives])
-    hits = hit_matrix(topk, positives)
-    out: dict[str, float] = {}
+    out: dict[str, float] = {k: float(v.mean()) if len(v) else 0.0
+                             for k, v in per_user_metrics(topk, positives, ks).items()}
     for k in ks:
-        out[f"recall@{k}"] = float(recall_at(hits, n_pos, k).mean()) if len(hits) else 0.0
-        out[f"ndcg@{k}"] = float(ndcg_at(hits, n_pos, k).mean()) if len(hits) else 0.0
-        out[f"precision@{k}"] = float(precision_at(hits, k).mean()) if len(hits) else 0.0
-        out[f"coverage@{k}"] = coverage_at(topk, n_items, k)
-    out["users"] = float(len(hits))
+        out[f"coverage@{k}"] = coverage_at(topk[keep], n_items, k)
+    out["users"] = float(keep.sum())
     return out

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fusionrec.core.paths import reports_dir
+from fusionrec.core.paths import home, reports_dir
 from fusionrec.fusion.train.data import InteractionData, load_dataset
+from fusionrec.fusion.train.job_cache import JobCache
 from fusionrec.fusion.train.report import write_report
 
 if TYPE_CHECKING:
@@ -27,6 +28,12 @@ LFM2K_PEERS = {"MostPop": (0.123, 0.076), "ItemKNN-text (content only)": (0.242,
                "VBPR": (0.413, 0.293), "LightGCN": (0.417, 0.294)}
 COLD_FRACTION = 0.1
 ONE_NET = "full (one net)"  # ablation row: the ensemble's members alone
+#: One net per user tower kind, over the ablation seeds (the tower comparison; the full model's own tower is
+#: the ONE_NET row, so only the other kinds train).
+TOWER_VARIANTS = ("full-attention", "full-gru")
+#: The one-modality ablations the full model is tested against (the best of them chosen on valid).
+SINGLE_MODALITIES = ("id", "text", "audio")
+LIGHTGCN = "lightgcn (ours, per-user embeddings)"
 
 
 def cold_split(data: InteractionData, fraction: float = COLD_FRACTION, seed: int = 0
@@ -71,6 +78,8 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
                            "valid": result.valid, "test": result.test, "train_s": round(result.train_s, 1),
                            "curve": [{"epoch": c["epoch"], "valid_recall@20": c["valid_recall@20"]}
                                      for c in result.curve]}
+    if "member" not in spec and cold is None:  # per-user test figures for the paired tests
+        out["test"] = evaluate(result.net, data, "test", per_user=True)
     if cold is not None:  # one net's own cold figure; the parent scores the ensemble against kNN (cold_metrics)
         out["cold_items"] = evaluate(result.net, data, "test", candidates=cold)
     if "member" in spec:
@@ -113,23 +122,36 @@ def served_metrics(checkpoint: str, data: InteractionData, part: str = "test") -
     return ranking_metrics(topk, [positives[u] for u in users], data.n_items, (10, 20))
 
 
-def run_jobs(specs: list[dict[str, Any]], workers: int) -> list[dict[str, Any]]:
+def run_jobs(specs: list[dict[str, Any]], workers: int, cache: JobCache | None = None) -> list[dict[str, Any]]:
     """Run training jobs, ``workers`` at a time (one torch thread each), results in input order.
 
-    With several workers a bar counts finished jobs (each job's own epoch bar would interleave).
+    With several workers a bar counts finished jobs (each job's own epoch bar would interleave). With a
+    ``cache``, jobs it holds are not run again and each finished job is stored as soon as it ends.
     """
+    done = {i: cache.get(s) for i, s in enumerate(specs)} if cache else {}
+    todo = [i for i in range(len(specs)) if done.get(i) is None]
+    results = {i: r for i, r in done.items() if r is not None}
+
+    def finish(i: int, result: dict[str, Any]) -> None:
+        results[i] = result
+        if cache:
+            cache.put(specs[i], result)
+
     if workers <= 1:
-        return [_job({**s, "threads": os.cpu_count() or 1}) for s in specs]
+        for i in todo:
+            finish(i, _job({**specs[i], "threads": os.cpu_count() or 1}))
+        return [results[i] for i in range(len(specs))]
     from multiprocessing import get_context
 
     from tqdm import tqdm
 
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_job, s) for s in specs]
-        with tqdm(total=len(futures), desc="training runs", unit="run") as bar:
-            for _ in as_completed(futures):
+        futures = {pool.submit(_job, specs[i]): i for i in todo}
+        with tqdm(total=len(specs), initial=len(specs) - len(todo), desc="training runs", unit="run") as bar:
+            for future in as_completed(futures):
+                finish(futures[future], future.result())
                 bar.update()
-        return [f.result() for f in futures]
+    return [results[i] for i in range(len(specs))]
 
 
 def member_specs(dataset: str, variant: str, seed: int, members: int, config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -167,8 +189,9 @@ def ensemble_run(data: InteractionData, variant_name: str, seed: int, members: i
     if len(group) != members:
         raise RuntimeError(f"{variant_name} seed {seed}: {len(group)} of {members} members trained")
     net = assemble(data, variant_name, config, group)
+    test = evaluate(net, data, "test", per_user=True)
     run: dict[str, Any] = {"dataset": data.name, "variant": variant_name, "seed": seed, "members": members,
-                           "valid": evaluate(net, data, "valid"), "test": evaluate(net, data, "test"),
+                           "valid": evaluate(net, data, "valid"), "test": test, "per_user": test.pop("per_user"),
                            "member_seeds": [r["train_seed"] for r in group],
                            "train_s": round(sum(r["train_s"] for r in group), 1)}
     if export:
@@ -186,13 +209,18 @@ def _mean_std(runs: list[dict[str, float]]) -> tuple[dict[str, float], dict[str,
             {k: float(np.std([r[k] for r in runs])) for k in keys})
 
 
-def evaluate_dataset(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), ablation_seeds: tuple[int, ...] = (0,),
+def evaluate_dataset(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), ablation_seeds: tuple[int, ...] = (0, 1, 2),
                      workers: int = 2, cold: bool = True, out_dir: Path | None = None,
-                     config: dict[str, Any] | None = None, members: int | None = None) -> dict[str, Any]:
+                     config: dict[str, Any] | None = None, members: int | None = None, resume: bool = True
+                     ) -> dict[str, Any]:
     """The full protocol on one dataset; writes <out_dir>/<dataset>.{json,md,png} and returns the report.
 
-    The full model is an ensemble of ``members`` nets per seed (default: the variant's); the ablations,
-    LightGCN and the cold-item run train one net each, and "full (one net)" is the members' mean.
+    With ``resume`` each finished training job is kept under ``$FUSIONREC_HOME/cache/quality-jobs`` (keyed by
+    its spec and the training code): an interrupted run, rerun, trains only what is missing.
+
+    The full model is an ensemble of ``members`` nets per seed (default: the variant's); the ablations, the
+    tower variants, LightGCN and the cold-item run train one net each, and "full (one net)" is the members'
+    mean. The full model is tested (paired, over test users) against its best single modality and best peer.
     """
     from fusionrec.fusion.train.config import get_variant
 
@@ -201,15 +229,18 @@ def evaluate_dataset(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), ablation_
     config = dict(config or {})
     ablations = ablation_variants(data)
     members = members or get_variant("full").members
-    results = run_jobs(protocol_specs(dataset, seeds, ablation_seeds, ablations, members, config, cold), workers)
+    results = run_jobs(protocol_specs(dataset, seeds, ablation_seeds, ablations, members, config, cold), workers,
+                       JobCache(home("cache", "quality-jobs")) if resume else None)
     member_runs = [r for r in results if "member" in r and not r.get("cold")]
     full_runs = [ensemble_run(data, "full", s, members, config, member_runs, export=s == seeds[0]) for s in seeds]
     cold_members = [r for r in results if r.get("cold")]
     cold_run = _cold_run(data, config, cold_members) if cold_members else None
     for r in member_runs + cold_members:
-        del r["state"]
+        r.pop("state", None)
+    peers = _peers(data, results)
     report = _report(data, seeds, ablation_seeds, members, config, full_runs, results,
-                     _ablation_table(ablations, full_runs, results, member_runs, members))
+                     _ablation_table(ablations, full_runs, results, member_runs, members), _baselines(peers))
+    report["significance"] = _significance(full_runs, results, peers)
     if dataset == "lfm2k":
         report["peers"] = {k: {"recall@20": r, "ndcg@20": n} for k, (r, n) in LFM2K_PEERS.items()}
     if cold_run:
@@ -238,9 +269,21 @@ def protocol_specs(dataset: str, seeds: tuple[int, ...], ablation_seeds: tuple[i
     if cold:  # the served model's shape (an ensemble) on the cold split
         specs += [{**spec, "cold": True} for spec in member_specs(dataset, "full", seeds[0], members, config)]
     specs += [{"dataset": dataset, "variant": "lightgcn", "seed": s, "config": config} for s in ablation_seeds]
+    # A tower variant keeps its own user tower whatever ``config`` sets (config overrides every other field).
+    towers = {k: v for k, v in config.items() if k != "user_tower"}
+    specs += [{"dataset": dataset, "variant": v, "seed": s, "config": towers} for v in other_towers(config)
+              for s in ablation_seeds]
     specs += [{"dataset": dataset, "variant": v, "seed": s, "config": config}
               for v in ablations if v != "full" for s in ablation_seeds]
     return specs
+
+
+def other_towers(config: dict[str, Any]) -> list[str]:
+    """The TOWER_VARIANTS whose user tower differs from the full model's (under ``config``)."""
+    from fusionrec.fusion.train.config import get_variant, train_config
+
+    own = train_config(get_variant("full"), **config).user_tower
+    return [v for v in TOWER_VARIANTS if train_config(get_variant(v)).user_tower != own]
 
 
 def _cold_run(data: InteractionData, config: dict[str, Any], cold_members: list[dict[str, Any]]) -> dict[str, Any]:
@@ -251,41 +294,72 @@ def _cold_run(data: InteractionData, config: dict[str, Any], cold_members: list[
     return run
 
 
-def _ablation_row(runs: list[dict[str, float]]) -> dict[str, Any]:
-    """Mean test metrics of ``runs``, the std of Recall@20 and how many runs."""
-    mean, std = _mean_std(runs)
-    return {**mean, "std_recall@20": std["recall@20"], "seeds": len(runs)}
+def _ablation_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean test metrics of ``runs`` (each with "test" and "valid"), their stds, mean valid Recall@20, count."""
+    mean, std = _mean_std([r["test"] for r in runs])
+    return {**mean, "std": std, "std_recall@20": std["recall@20"], "seeds": len(runs),
+            "valid_recall@20": float(np.mean([r["valid"]["recall@20"] for r in runs]))}
+
+
+def _single_runs(results: list[dict[str, Any]], variant: str) -> list[dict[str, Any]]:
+    """The one-net runs of ``variant`` on the full data (not ensemble members, not the cold split)."""
+    return [r for r in results if r["variant"] == variant and "member" not in r and not r.get("cold")]
 
 
 def _ablation_table(ablations: list[str], full_runs: list[dict[str, Any]], results: list[dict[str, Any]],
                     member_runs: list[dict[str, Any]], members: int) -> dict[str, Any]:
-    """Variant -> ``_ablation_row`` of its test runs ("full" = the ensembles), then ONE_NET (the members alone)."""
-    ablation: dict[str, Any] = {}
-    for v in ablations:
-        ablation[v] = _ablation_row([r["test"] for r in (full_runs if v == "full" else results)
-                                     if r["variant"] == v and "cold_items" not in r and "member" not in r])
+    """Variant -> ``_ablation_row`` of its runs ("full" = the ensembles), ONE_NET (the members alone), then the
+    one-net tower variants."""
+    ablation = {v: _ablation_row(full_runs if v == "full" else _single_runs(results, v)) for v in ablations}
     if members > 1:
-        ablation[ONE_NET] = _ablation_row([r["test"] for r in member_runs])
+        ablation[ONE_NET] = _ablation_row(member_runs)  # the full model's own user tower
+    ablation.update({v: _ablation_row(_single_runs(results, v)) for v in TOWER_VARIANTS
+                     if _single_runs(results, v)})
     return ablation
 
 
-def _baselines(data: InteractionData, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Test metrics of LightGCN (mean of its runs in ``results``), MostPop and text ItemKNN."""
+def _peers(data: InteractionData, results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Peer name -> its runs (valid, test with per-user figures): LightGCN's seeds, MostPop and text ItemKNN."""
     from fusionrec.fusion.train.baselines import content_knn, most_popular
     from fusionrec.fusion.train.training import evaluate
 
-    lightgcn = [r["test"] for r in results if r["variant"] == "lightgcn"]
-    return {"lightgcn (ours, per-user embeddings)": {**_mean_std(lightgcn)[0], "seeds": len(lightgcn)},
-            "mostpop": evaluate(most_popular(data), data, "test"),
-            "itemknn-text": evaluate(content_knn(data, "text"), data, "test")}
+    peers = {LIGHTGCN: _single_runs(results, "lightgcn")}
+    for name, net in (("mostpop", most_popular(data)), ("itemknn-text", content_knn(data, "text"))):
+        peers[name] = [{"valid": evaluate(net, data, "valid"), "test": evaluate(net, data, "test", per_user=True)}]
+    return peers
+
+
+def _baselines(peers: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Peer -> mean test metrics over its runs, with stds, mean valid Recall@20 and the number of runs."""
+    return {name: _ablation_row(runs) for name, runs in peers.items() if runs}
+
+
+def _significance(full_runs: list[dict[str, Any]], results: list[dict[str, Any]],
+                  peers: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Paired tests over test users of the full model against its best single modality and its best peer,
+    each chosen by mean valid Recall@20 (never by test)."""
+    from fusionrec.fusion.train.significance import compare
+
+    def valid(runs: list[dict[str, Any]]) -> float:
+        return float(np.mean([r["valid"]["recall@20"] for r in runs])) if runs else -1.0
+
+    singles = {v: _single_runs(results, v) for v in SINGLE_MODALITIES if _single_runs(results, v)}
+    out: dict[str, Any] = {}
+    for key, pool in (("vs_best_single_modality", singles), ("vs_best_peer", {k: v for k, v in peers.items() if v})):
+        if pool:
+            best = max(pool, key=lambda name: valid(pool[name]))
+            out[key] = compare([r["per_user"] for r in full_runs], [r["test"]["per_user"] for r in pool[best]],
+                               "full", best)
+    return out
 
 
 def _report(data: InteractionData, seeds: tuple[int, ...], ablation_seeds: tuple[int, ...], members: int,
             config: dict[str, Any], full_runs: list[dict[str, Any]], results: list[dict[str, Any]],
-            ablation: dict[str, Any]) -> dict[str, Any]:
+            ablation: dict[str, Any], baselines: dict[str, Any]) -> dict[str, Any]:
     """The report body: full model (mean ± std over seeds), ablation, baselines, runs, checkpoint."""
-    from fusionrec.fusion.train.config import get_variant, variant_modalities
+    from fusionrec.fusion.train.config import get_variant, train_config, variant_modalities
 
+    tower = train_config(get_variant("full"), **config).user_tower
     test_mean, test_std = _mean_std([r["test"] for r in full_runs])
     valid_mean, _ = _mean_std([r["valid"] for r in full_runs])
     return {
@@ -293,14 +367,14 @@ def _report(data: InteractionData, seeds: tuple[int, ...], ablation_seeds: tuple
         "protocol": "full ranking over all items, the user's train items excluded; user vector = user tower "
                     "over the train history (as served); test metrics at the epoch with best valid Recall@20; "
                     f"mean ± std over seeds {list(seeds)}",
-        "model": f"full: ensemble of {members} nets (gated blocks: id + "
+        "model": f"full: ensemble of {members} nets ({tower} user tower; gated blocks: id + "
                  f"{' + '.join(variant_modalities(get_variant('full'), data.modality_dims()))}; item-item graph "
                  "frozen into item vectors), scored by the mean of their cosines",
         "members": members,
         "test": {**test_mean, "std": test_std, "seeds": list(seeds)},
         "valid": valid_mean,
         "ablation": ablation, "ablation_seeds": list(ablation_seeds),
-        "baselines": _baselines(data, results),
+        "baselines": baselines,
         "runs": [{k: r[k] for k in ("variant", "seed", "member", "train_seed", "best_epoch", "train_s") if k in r}
                  | {"test_recall@20": r["test"]["recall@20"], "checkpoint": r.get("checkpoint")}
                  for r in full_runs + results],

@@ -8,7 +8,7 @@ import functools
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from tqdm import tqdm
 from fusionrec.fusion.towers import MAX_HISTORY
 from fusionrec.fusion.train.config import TrainConfig, VariantConfig
 from fusionrec.fusion.train.data import InteractionData
-from fusionrec.fusion.train.metrics import ranking_metrics, topk_items
+from fusionrec.fusion.train.metrics import per_user_metrics, ranking_metrics, topk_items
 from fusionrec.fusion.train.nets import build_net
 from fusionrec.fusion.train.sampling import batch_candidates, length_groups, target_entries
 
@@ -47,10 +47,16 @@ def pad_histories(histories: list[np.ndarray], max_len: int = MAX_HISTORY) -> tu
     return torch.from_numpy(ids), torch.from_numpy(np.arange(h)[None, :] >= h - lengths[:, None])
 
 
-def split_history(items: np.ndarray, keep_prob: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random (input, target) split of one user's train items, order kept, both non-empty when possible."""
+def split_history(items: np.ndarray, keep_prob: float, rng: np.random.Generator, prefix_share: float = 0.0
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(input, target) split of one user's train items, order kept, both non-empty when possible: random, or
+    with probability ``prefix_share`` chronological (input = the items before a random cut, target = the rest,
+    as valid/test follow train in time)."""
     if len(items) < 2:
         return items[:0], items
+    if prefix_share > 0 and rng.random() < prefix_share:
+        cut = int(rng.integers(max(1, int(round(keep_prob * len(items)))), len(items)))
+        return items[:cut], items[cut:]
     keep = rng.random(len(items)) < keep_prob
     if keep.all():
         keep[rng.integers(len(items))] = False
@@ -73,12 +79,15 @@ class TrainResult:
 
 @torch.no_grad()
 def evaluate(net: nn.Module, data: InteractionData, part: str, ks: tuple[int, ...] = (10, 20),
-             candidates: np.ndarray | None = None, users: np.ndarray | None = None) -> dict[str, float]:
+             candidates: np.ndarray | None = None, users: np.ndarray | None = None, per_user: bool = False
+             ) -> dict[str, Any]:
     """Full ranking on ``part`` ("valid"/"test"): user vectors from the train history, train items excluded.
 
     Args:
         candidates: restrict ranking (and positives) to these item ids (the cold-item protocol).
         users: rank only these users (default every user with a positive in ``part``).
+        per_user: also return ``"per_user"``: {"users": (u,) ids, "recall@20": (u,), "ndcg@20": (u,)} for
+            paired tests (fusionrec.fusion.train.significance).
     """
     net.eval()
     train_items = data.user_items("train")
@@ -102,7 +111,11 @@ def evaluate(net: nn.Module, data: InteractionData, part: str, ks: tuple[int, ..
     # Score blocks of ~16M entries: a large catalog ranks fewer users at a time.
     topk = topk_items(score, users, exclude, max(ks), batch_size=max(1, min(1024, (1 << 24) // data.n_items)))
     n_rank = data.n_items if candidates is None else len(candidates)
-    return ranking_metrics(topk, [positives[u] for u in users], n_rank, ks)
+    out: dict[str, Any] = ranking_metrics(topk, [positives[u] for u in users], n_rank, ks)
+    if per_user:
+        values = per_user_metrics(topk, [positives[u] for u in users], (20,))
+        out["per_user"] = {"users": users, "recall@20": values["recall@20"], "ndcg@20": values["ndcg@20"]}
+    return out
 
 
 def _loss(net: nn.Module, users: np.ndarray, train_items: list[np.ndarray], cfg: TrainConfig,
@@ -110,9 +123,8 @@ def _loss(net: nn.Module, users: np.ndarray, train_items: list[np.ndarray], cfg:
     """Multinomial softmax loss: predict held-out train items from the rest, over every item or, in a large
     catalog, over the batch's items plus sampled negatives (fusionrec.fusion.train.sampling)."""
     uses_history = getattr(net, "uses_history", True)
-    splits = [split_history(train_items[u], cfg.keep_prob, rng) if uses_history else (train_items[u][:0],
-                                                                                        train_items[u])
-              for u in users]
+    splits = [split_history(train_items[u], cfg.keep_prob, rng, cfg.prefix_share) if uses_history
+              else (train_items[u][:0], train_items[u]) for u in users]
     # Rows by input length, padded in runs of similar length (right-aligned: padding changes no score).
     order = np.argsort([len(s[0]) for s in splits], kind="stable")
     users, splits = users[order], [splits[i] for i in order]

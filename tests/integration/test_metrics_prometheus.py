@@ -39,17 +39,27 @@ def _get(url: str) -> bytes:
         return reply.read()
 
 
-def _scrape(metrics_port: int) -> dict[tuple[str, tuple], float]:
-    """(sample name, sorted labels) -> value, straight from the service's endpoint."""
-    text = _get(f"http://127.0.0.1:{metrics_port}/metrics").decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+def _scrape(metrics_ports: list[int]) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value summed over the Gateway replicas' endpoints (each its own)."""
+    out: dict[tuple[str, tuple], float] = {}
+    for port in metrics_ports:
+        text = _get(f"http://127.0.0.1:{port}/metrics").decode()
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def _metrics_ports(service) -> list[int]:
+    """Every Gateway replica's metrics port (the replicas share the gRPC port, each has its own metrics)."""
+    return [g["metrics_port"] for g in service.info.get("gateways", [service.info]) if g.get("metrics_port")]
 
 
 class Prometheus:
-    """The real prometheus binary on a free loopback port, its own storage, scraping one target."""
+    """The real prometheus binary on a free loopback port, its own storage, scraping the given targets."""
 
-    def __init__(self, tmp: Path, target: str) -> None:
+    def __init__(self, tmp: Path, targets: list[str]) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.fail("the `prometheus` binary is not installed: `apt-get install -y prometheus` "
@@ -58,8 +68,8 @@ class Prometheus:
         config["global"]["scrape_interval"] = SCRAPE_INTERVAL
         config["global"]["evaluation_interval"] = SCRAPE_INTERVAL
         job = config["scrape_configs"][0]
-        assert job["static_configs"][0]["targets"] == ["127.0.0.1:9464"]  # the shipped default
-        job["static_configs"][0]["targets"] = [target]
+        assert job["static_configs"][0]["targets"] == ["127.0.0.1:9464", "127.0.0.1:9465"]  # the shipped default
+        job["static_configs"][0]["targets"] = targets
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.port = _free_port()
         self.log = open(tmp / "prometheus.log", "wb")
@@ -101,9 +111,9 @@ class Prometheus:
 
 @pytest.fixture
 def prometheus(service, tmp_path):
-    metrics_port = service.info.get("metrics_port")
-    assert metrics_port, f"the Gateway did not report a bound metrics port: {service.info}"
-    prom = Prometheus(tmp_path, f"127.0.0.1:{metrics_port}")
+    ports = _metrics_ports(service)
+    assert ports, f"the Gateway did not report a bound metrics port: {service.info}"
+    prom = Prometheus(tmp_path, [f"127.0.0.1:{port}" for port in ports])
     try:
         prom.wait_ready()
         yield prom
@@ -128,7 +138,7 @@ def _count(samples: dict, name: str, **labels: str) -> float:
 
 
 def test_prometheus_scrapes_rpc_stage_and_store_metrics(service, client, loaded, prometheus):
-    before = _scrape(service.info["metrics_port"])
+    before = _scrape(_metrics_ports(service))
     ok_before = _count(before, "fusionrec_rpc_requests_total", method="Recommend", code="OK")
     invalid_before = _count(before, "fusionrec_rpc_requests_total", method="Recommend", code="INVALID_ARGUMENT")
     user = loaded["events"][0]["user_id"]

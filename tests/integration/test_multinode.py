@@ -219,7 +219,7 @@ def _load(client: Client, work: Path) -> None:
     catalog = generate_catalog(work / "catalog", shared_dir() / "media", n_items=8, n_users=1, seed=3)
     for batch in catalog_batches(catalog.catalog_path, 8):
         client.stub.UpsertItems(pb.UpsertItemsRequest(items=batch), timeout=300)
-    events = [pb.Interaction(user_id="mn-user", item_id=f"item-{k:04d}", kind="view", timestamp_s=1.0 + k)
+    events = [pb.Interaction(user_id="mn-user", item_id=f"item-{k:04d}", kind="view", timestamp_s=1_704_067_200.0 + k)
               for k in range(1, 5)]
     client.stub.RecordInteractions(pb.RecordInteractionsRequest(interactions=events), timeout=60)
 

@@ -82,6 +82,7 @@ def test_items_and_interactions_from_python_values():
         ("audio", [0.5, 1.0], ""), ("clip", [1.0], "clip-v1")]
     assert it.content.image == b"img"
     assert interaction("u", "i", "like", 5) == pb.Interaction(user_id="u", item_id="i", kind="like", timestamp_s=5)
+    assert interaction("u", "i", event_id="e-1").event_id == "e-1"
 
 
 def test_the_proto_ships_beside_the_generated_code():

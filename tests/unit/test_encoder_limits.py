@@ -1,7 +1,7 @@
 """Bounded work per input: hostile content is refused from its header, naming the limit, fast.
 
-Every hostile input is built here in memory: a 16-bit PNG of zeros just under PIL's pixel cap
-(~170 KB that decodes to ~180 MB), a PNG header claiming 100 Mpx, 5 MB of text, a WAV whose
+Every hostile input is built in memory (bench/reliability/media.py, shared with `make reliability`):
+a 16-bit PNG of zeros just under PIL's pixel cap (~170 KB that decodes to ~180 MB), a PNG header claiming 100 Mpx, 5 MB of text, a WAV whose
 header claims ten minutes, a FLAC at 384 kHz x 8 channels. The wall-clock bounds are generous
 (CI machines vary): a refusal from a header takes milliseconds, decoding the input takes seconds.
 """
@@ -9,67 +9,21 @@ header claims ten minutes, a FLAC at 384 kHz x 8 channels. The wall-clock bounds
 from __future__ import annotations
 
 import io
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
 
+from fusionrec.bench.reliability.media import flac_mostly_silent, png_header_only, png_of_zeros, wav_of_silence
 from fusionrec.encoders.base import InvalidContent
 from fusionrec.encoders.registry import get_encoder
 
 REFUSAL_S = 0.5  # generous: each refusal below measured in single milliseconds
-PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
 
 
 # ------------------------------------------------------------------ hostile input builders
-def png_of_zeros(width: int, height: int, bit_depth: int = 8, colour_type: int = 2) -> bytes:
-    """A valid PNG whose pixels are all zero, compressed row by row (never held whole)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\0" * (1 + (width * PNG_CHANNELS[colour_type] * bit_depth + 7) // 8)  # filter byte + samples
-    packer = zlib.compressobj(9)
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def png_header_only(width: int, height: int, bit_depth: int = 8, colour_type: int = 2) -> bytes:
-    """A PNG header declaring width x height, with almost no pixel data behind it."""
-    small = png_of_zeros(1, 1, bit_depth, colour_type)
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return small[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + small[33:]
-
-
-def wav_of_silence(seconds: float, sample_rate: int = 8000, channels: int = 1) -> bytes:
-    """A real 16-bit PCM WAV of digital silence (ten minutes at 8 kHz mono: 9.6 MB)."""
-    frames = int(seconds * sample_rate)
-    data_bytes = frames * channels * 2
-    header = b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVE"
-    header += b"fmt " + struct.pack("<IHHIIHH", 16, 1, channels, sample_rate, sample_rate * channels * 2,
-                                    channels * 2, 16)
-    return header + b"data" + struct.pack("<I", data_bytes) + bytes(data_bytes)
-
-
-def flac_mostly_silent(seconds: float, sample_rate: int, channels: int) -> bytes:
-    """A FLAC of a 10 ms click then digital silence, written block by block: a few bytes per
-    second of audio, however high the rate and channel count (30 s at 384 kHz x 8: ~100 KB)."""
-    buf = io.BytesIO()
-    with sf.SoundFile(buf, "w", sample_rate, channels, format="FLAC", subtype="PCM_16") as f:
-        block = np.zeros((sample_rate, channels), dtype=np.float32)
-        block[: sample_rate // 100] = 0.5
-        f.write(block)
-        block[:] = 0.0
-        for _ in range(int(seconds) - 1):
-            f.write(block)
-    return buf.getvalue()
-
-
 def apng_of(frames: list[Image.Image]) -> bytes:
     buf = io.BytesIO()
     frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:])

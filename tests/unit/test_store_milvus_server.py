@@ -15,7 +15,7 @@ pytest.importorskip("pymilvus")
 
 from fusionrec.core.errors import Unavailable  # noqa: E402
 from fusionrec.fusion.weighted import WeightedBlockFusion  # noqa: E402
-from fusionrec.retrieval.base import FilterSpec, SchemaMismatch, StoreSwitched  # noqa: E402
+from fusionrec.retrieval.base import FilterSpec, InteractionEvent, SchemaMismatch, StoreSwitched  # noqa: E402
 from fusionrec.retrieval.engine import RetrievalEngine  # noqa: E402
 from fusionrec.retrieval.layout import marker_schema  # noqa: E402
 from fusionrec.retrieval.milvus import MilvusStore  # noqa: E402
@@ -99,6 +99,24 @@ def test_history_and_popularity_are_shared(pair):
     assert b.popularity() == [("h2", 2), ("h1", 1)]  # popularity_ttl_s=0: recounted from the server
     b.record_interactions([ev("u1", "h3", 4.0)])
     assert [e.item_id for e in a.history("u1", 10)] == ["h1", "h2", "h3"]
+
+
+def test_an_event_id_is_stored_once_across_replicas_even_when_they_race(pair):
+    a, b = pair
+    a.upsert([item(f"k{i}", np.random.default_rng(8)) for i in range(3)])
+    keyed = [InteractionEvent("u1", "k1", "click", 1.0, event_id="e1"),
+             InteractionEvent("u1", "k2", "click", 2.0, event_id="e2")]
+    assert a.record_interactions(keyed) == 2
+    assert b.record_interactions(keyed) == 0  # a retry that reached the other replica
+    racing = [InteractionEvent("u1", "k0", "click", 3.0, event_id=f"r{n}") for n in range(20)]
+    threads = [threading.Thread(target=s.record_interactions, args=(racing,)) for s in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    history = a.history("u1", 100)
+    assert [e.event_id for e in history] == ["e1", "e2"] + [f"r{n}" for n in range(20)]
+    assert b.popularity() == [("k0", 20), ("k1", 1), ("k2", 1)]
 
 
 def test_engine_recommends_a_user_recorded_through_the_other_store(pair):

@@ -243,16 +243,18 @@ class Item(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, AttributeValue]] = ..., modalities: _Optional[_Iterable[str]] = ..., encoder_versions: _Optional[_Mapping[str, str]] = ..., model_version: _Optional[str] = ..., content_kept: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Interaction(_message.Message):
-    __slots__ = ("user_id", "item_id", "kind", "timestamp_s")
+    __slots__ = ("user_id", "item_id", "kind", "timestamp_s", "event_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     item_id: str
     kind: str
     timestamp_s: float
-    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., kind: _Optional[str] = ..., timestamp_s: _Optional[float] = ...) -> None: ...
+    event_id: str
+    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., kind: _Optional[str] = ..., timestamp_s: _Optional[float] = ..., event_id: _Optional[str] = ...) -> None: ...
 
 class RecordInteractionsRequest(_message.Message):
     __slots__ = ("interactions",)
@@ -261,7 +263,9 @@ class RecordInteractionsRequest(_message.Message):
     def __init__(self, interactions: _Optional[_Iterable[_Union[Interaction, _Mapping]]] = ...) -> None: ...
 
 class RecordInteractionsResponse(_message.Message):
-    __slots__ = ("recorded",)
+    __slots__ = ("recorded", "duplicates")
     RECORDED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     recorded: int
-    def __init__(self, recorded: _Optional[int] = ...) -> None: ...
+    duplicates: int
+    def __init__(self, recorded: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...

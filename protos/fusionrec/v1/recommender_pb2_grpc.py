@@ -74,7 +74,15 @@ class RecommenderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpsertItems(self, request, context):
-        """Encode and store a batch of items (at most Limits.max_upsert_batch per call).
+        """Encode and store a batch of items (at most Limits.max_upsert_batch per call). Idempotent (keyed
+        by item id: a repeat replaces the item whole). All or nothing on Milvus Lite: every item is
+        checked and encoded before anything is written; a write cut short between the two collections
+        (modality vectors, then items) by an error is written again at once, and if that fails too,
+        or the process crashed, before the next write and at the next start. An error answer may thus
+        still have stored the whole batch (retry it); meanwhile GetItem may show a replaced item's new
+        modality vectors beside its old attributes. On a Milvus server a failed call is not finished:
+        some of its items may be stored, and a replaced item may show its new modality vectors beside
+        its old attributes and fused vector until the call is retried.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,7 +103,8 @@ class RecommenderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RecordInteractions(self, request, context):
-        """Record user-item events; they become the history Recommend uses for that user.
+        """Record user-item events; they become the history Recommend uses for that user. Events with an
+        event_id are recorded at most once per (user_id, event_id), so such a call can be retried.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

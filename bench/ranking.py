@@ -1,0 +1,129 @@
+"""Serving cost of the ranking stage: Recommend latency through RetrievalEngine with and without it, at 100k items.
+
+Engine level (no gRPC, no Ray): a real Milvus Lite store with the in-memory index, the real weighted-v0
+item and user towers over clustered synthetic modality vectors (bench/retrieval.py's source), users with
+20-event histories, and a LightGBM lambdarank ranker trained on the bench's own candidate lists
+(its held-out events as labels) at the size the evaluation chooses at most (400 rounds of 7 leaves). Each
+request runs both ways, alternating which goes first, so drift on a shared machine hits both alike. The
+gateway's fixed costs (gRPC, conversion) are not measured here: at the service level the ratio is lower.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from fusionrec.bench.retrieval import VectorSource
+from fusionrec.core.paths import results_dir
+from fusionrec.fusion.registry import get_fusion_model
+from fusionrec.ranking.ranker import LightGBMRanker
+from fusionrec.ranking.stage import RankingStage
+from fusionrec.retrieval.base import InteractionEvent, StoredItem, StoreSchema
+from fusionrec.retrieval.engine import RetrievalEngine
+from fusionrec.retrieval.query import QueryContent, RecommendQuery
+
+DIMS = {"text": 384, "image": 1280, "audio": 128}
+HISTORY, HELD_OUT = 20, 5
+RANKER_PARAMS = {"num_leaves": 7, "num_boost_round": 400, "base_scale": 6.7}
+
+
+def _catalog(engine: RetrievalEngine, model: Any, n_items: int, rng: np.random.Generator,
+             progress: Callable[[str], None], batch: int = 5000) -> None:
+    """Upsert ``n_items`` items with clustered modality vectors through the item tower."""
+    sources = {m: VectorSource(d, seed=i) for i, (m, d) in enumerate(DIMS.items())}
+    for start in range(0, n_items, batch):
+        ids = [f"item-{i:06d}" for i in range(start, min(start + batch, n_items))]
+        vecs = {m: s.sample(len(ids), rng) for m, s in sources.items()}
+        rows = [{m: vecs[m][r] for m in DIMS} for r in range(len(ids))]
+        fused = model.item_vectors(rows, ids)
+        engine.upsert([StoredItem(i, {"shard": f"s{r % 20:02d}"}, rows[r], fused[r],
+                                  dict(engine.schema.encoder_versions), model.version) for r, i in enumerate(ids)])
+        progress(f"upserted {start + len(ids)} / {n_items} items")
+
+
+def _users(engine: RetrievalEngine, n_items: int, n_users: int, rng: np.random.Generator) -> dict[str, list[str]]:
+    """Record each user's history; returns user -> held-out items (the ranker's labels)."""
+    held: dict[str, list[str]] = {}
+    events = []
+    for u in range(n_users):
+        picks = [f"item-{i:06d}" for i in rng.choice(n_items, HISTORY + HELD_OUT, replace=False)]
+        events += [InteractionEvent(f"user-{u:05d}", i, "click", float(t)) for t, i in enumerate(picks[:HISTORY])]
+        held[f"user-{u:05d}"] = picks[HISTORY:]
+    engine.record_interactions(events)
+    return held
+
+
+def _train_ranker(engine: RetrievalEngine, model: Any, held: dict[str, list[str]], candidates_n: int) -> LightGBMRanker:
+    """A ranker fitted on the engine's own candidate lists (features as served, held-out items as labels)."""
+    from fusionrec.ranking.features import CandidateList, candidate_features
+
+    xs, ys = [], []
+    counts = dict(engine.store.popularity())
+    for user, labels in list(held.items())[:300]:
+        _, history = engine.history_vectors(user, 200)
+        vec = model.user_vector(history, {})
+        cands = engine.store.search(vec, candidates_n, None, set())
+        fused = np.stack([c.fused for c in cands])
+        pop = np.asarray([counts.get(c.item_id, 0) for c in cands], np.float32)
+        cols = candidate_features(CandidateList(vec, history, fused, fused @ vec, popularity=pop), model.contributions)
+        names = sorted(k for k in cols if not np.isnan(cols[k]).all())  # as fitted offline: known features only
+        xs.append(np.stack([cols[k] for k in names], 1))
+        ys.append(np.isin([c.item_id for c in cands], labels).astype(np.float32))
+    return LightGBMRanker(names, RANKER_PARAMS).fit(np.concatenate(xs), np.concatenate(ys),
+                                                    np.asarray([len(y) for y in ys]))
+
+
+def _measure(engine: RetrievalEngine, model: Any, stage: RankingStage, users: list[str], k: int
+             ) -> dict[str, list[float]]:
+    """Per request, Recommend with and without the stage (alternating which runs first), in ms."""
+    out: dict[str, list[float]] = {"retrieval": [], "ranking": []}
+    for r, user in enumerate(users):
+        q = RecommendQuery(user_id=user, history_item_ids=[], query=QueryContent(), k=k, filters=[],
+                           exclude_item_ids=[])
+        for mode in (("retrieval", "ranking") if r % 2 else ("ranking", "retrieval")):
+            engine.ranking = stage if mode == "ranking" else None
+            t0 = time.perf_counter()
+            engine.recommend(q, {}, model, 200)
+            out[mode].append((time.perf_counter() - t0) * 1e3)
+    engine.ranking = None
+    return out
+
+
+def run(n_items: int = 100_000, n_users: int = 2000, requests: int = 500, k: int = 10, candidates_n: int = 200,
+        seed: int = 0, out: Path | None = None, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build the store, train the ranker, measure both paths; writes bench/results/ranking.json."""
+    rng = np.random.default_rng(seed)
+    model = get_fusion_model("weighted-v0", DIMS)
+    schema = StoreSchema(modality_dims=dict(DIMS), fused_dim=model.dim,
+                         encoder_versions={m: f"{m}@bench" for m in DIMS}, model_version=model.version)
+    with tempfile.TemporaryDirectory(prefix="fusionrec-bench-ranking-") as tmp:
+        engine = RetrievalEngine.open(str(Path(tmp) / "store.db"), schema, search_backend="memory")
+        try:
+            t0 = time.perf_counter()
+            _catalog(engine, model, n_items, rng, progress)
+            held = _users(engine, n_items, n_users, rng)
+            build_s = time.perf_counter() - t0
+            ranker = _train_ranker(engine, model, held, candidates_n)
+            stage = RankingStage(ranker, candidates_n)
+            users = [str(u) for u in rng.choice(list(held), requests)]
+            _measure(engine, model, stage, users[:20], k)  # warm-up (caches, first LightGBM calls)
+            times = _measure(engine, model, stage, users, k)
+        finally:
+            engine.close()
+    stats = {mode: {"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
+                    "mean_ms": float(np.mean(t))} for mode, t in times.items()}
+    result = {"items": n_items, "users": n_users, "requests": requests, "k": k, "candidates_n": candidates_n,
+              "fused_dim": model.dim, "ranker": {"features": len(ranker.feature_names), **RANKER_PARAMS},
+              "level": "engine (RetrievalEngine.recommend: history, user tower, in-memory search, ranking); "
+                       "no gRPC", "build_s": round(build_s, 1), **stats,
+              "p50_ratio": stats["ranking"]["p50_ms"] / stats["retrieval"]["p50_ms"],
+              "p99_ratio": stats["ranking"]["p99_ms"] / stats["retrieval"]["p99_ms"]}
+    path = Path(out or results_dir() / "ranking.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True))
+    return result
