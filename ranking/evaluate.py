@@ -19,44 +19,66 @@ from fusionrec.core.paths import home
 from fusionrec.fusion.train.data import InteractionData, load_dataset
 from fusionrec.fusion.train.metrics import per_user_metrics, ranking_metrics
 from fusionrec.ranking.mmr import mmr_order
-from fusionrec.ranking.train import CandidateSet, build_candidates, reorder, select_and_fit
+from fusionrec.ranking.train import CandidateSet, build_candidates, fit_ranker, reorder, select_and_fit, valid_halves
 
 #: The retrieval model each seed trains: the full variant's net (graph, ids, every content modality).
 RETRIEVAL_VARIANT = "full"
 METRICS = ("recall@10", "ndcg@10", "recall@20", "ndcg@20", "coverage@20")
 K = 20
 PAIRED = (f"ndcg@{K}", f"recall@{K}")
+#: MMR λ values tried on the valid split (``mmr_lambda="valid"``): the ranker's selection half scores each.
+MMR_LAMBDAS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def retrieval_checkpoints(dataset: str, seeds: tuple[int, ...], members: int, workers: int, retrain: bool,
-                          echo: Callable[[str], None] = print) -> dict[int, str]:
+                          echo: Callable[[str], None] = print, config: dict[str, Any] | None = None
+                          ) -> dict[int, str]:
     """Seed -> checkpoint of the retrieval model trained under that seed, trained where none is recorded yet.
 
     Trained checkpoints are recorded in ``$FUSIONREC_HOME/checkpoints/ranking-retrieval.json`` so a rerun
-    reuses them (``retrain`` trains again).
+    reuses them (``retrain`` trains again). Training jobs go through the quality protocol's job cache, so
+    nets `fusionrec evaluate` already trained under the same code are not trained twice.
     """
+    from fusionrec.fusion.train.job_cache import JobCache
     from fusionrec.fusion.train.quality import ensemble_run, member_specs, run_jobs
 
     manifest_path = home("checkpoints", "ranking-retrieval.json")
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    key = {s: f"{dataset}/{RETRIEVAL_VARIANT}/members{members}/seed{s}" for s in seeds}
+    config = dict(config or {})
+    suffix = "".join(f"/{k}={json.dumps(v)}" for k, v in sorted(config.items()))  # TrainConfig overrides
+    key = {s: f"{dataset}/{RETRIEVAL_VARIANT}/members{members}/seed{s}{suffix}" for s in seeds}
     todo = [s for s in seeds if retrain or not Path(manifest.get(key[s], "/nonexistent")).exists()]
     if todo:
         echo(f"training the retrieval model ({RETRIEVAL_VARIANT}, {members} net(s)) for seeds {todo} ...")
-        specs = [spec for s in todo for spec in member_specs(dataset, RETRIEVAL_VARIANT, s, members, {})]
-        runs = run_jobs(specs, workers)
+        specs = [spec for s in todo for spec in member_specs(dataset, RETRIEVAL_VARIANT, s, members, config)]
+        runs = run_jobs(specs, workers, None if retrain else JobCache(home("cache", "quality-jobs")))
         data = load_dataset(dataset)
         for s in todo:
-            run = ensemble_run(data, RETRIEVAL_VARIANT, s, members, {}, runs, export=True)
+            run = ensemble_run(data, RETRIEVAL_VARIANT, s, members, config, runs, export=True)
             manifest[key[s]] = str(Path(run["checkpoint"]).resolve())
             manifest_path.parent.mkdir(parents=True, exist_ok=True)
             manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return {s: manifest[key[s]] for s in seeds}
 
 
-def seed_run(data: InteractionData, checkpoint: str, seed: int, candidates_n: int, mmr_lambda: float | None,
-             ranker_dir: Path | None = None) -> dict[str, Any]:
+def choose_mmr_lambda(cs: CandidateSet, valid: list[np.ndarray], seed: int, chosen: dict[str, Any],
+                     lambdas: tuple[float, ...] = MMR_LAMBDAS) -> tuple[float, dict[str, float]]:
+    """The MMR λ with the best valid NDCG@K on the ranker's selection half, the ranker refitted with the
+    ``chosen`` parameters on the fit half only (test labels never seen). Returns (λ, NDCG@K per λ)."""
+    _, fit_pos, sel_pos = valid_halves(cs, valid, seed)
+    scores = fit_ranker(cs, valid, fit_pos, chosen, seed).predict(cs.rows(sel_pos))
+    positives = [valid[u] for u in cs.users[sel_pos]]
+    by_lambda = {lam: float(per_user_metrics(_mmr_topk(cs, sel_pos, scores, lam), positives, (K,))[f"ndcg@{K}"].mean())
+                 for lam in lambdas}
+    return max(by_lambda, key=by_lambda.get), by_lambda
+
+
+def seed_run(data: InteractionData, checkpoint: str, seed: int, candidates_n: int,
+             mmr_lambda: float | str | None, ranker_dir: Path | None = None) -> dict[str, Any]:
     """One seed: candidates from ``checkpoint``, a ranker chosen and fitted on valid, every variant on test.
+
+    ``mmr_lambda``: a fixed λ for the ranking + MMR variant, "valid" to choose it on valid
+    (choose_mmr_lambda), None for no MMR variant.
 
     Returns metrics per variant, per-user NDCG@20 / Recall@20 (for the paired tests), the selection record
     and the ranker's feature importance.
@@ -74,8 +96,12 @@ def seed_run(data: InteractionData, checkpoint: str, seed: int, candidates_n: in
     positives = [test[u] for u in cs.users[pos]]
     scores = ranker.predict(cs.rows(pos))
     variants = {"retrieval": cs.items[pos, :K], "ranking": reorder(cs, pos, scores, K)}
-    if mmr_lambda is not None:
-        variants[f"ranking+mmr(λ={mmr_lambda})"] = _mmr_topk(cs, pos, scores, mmr_lambda)
+    if mmr_lambda == "valid":
+        lam, selection["mmr_valid_ndcg"] = choose_mmr_lambda(cs, data.user_items("valid"), seed, selection["chosen"])
+        selection["mmr_lambda"] = lam
+        variants["ranking+mmr(λ on valid)"] = _mmr_topk(cs, pos, scores, lam)
+    elif mmr_lambda is not None:
+        variants[f"ranking+mmr(λ={mmr_lambda})"] = _mmr_topk(cs, pos, scores, float(mmr_lambda))
     out: dict[str, Any] = {"seed": seed, "checkpoint": checkpoint, "selection": selection,
                            "features": cs.feature_names, "importance": ranker.importance(),
                            "lists_s": round(lists_s, 1), "fit_s": round(time.perf_counter() - t0 - lists_s, 1),
@@ -112,12 +138,12 @@ def paired_tests(runs: list[dict[str, Any]], variant: str, base: str = "retrieva
 
 
 def evaluate_ranking(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), candidates_n: int = 200,
-                     mmr_lambda: float | None = 0.8, members: int = 1, workers: int = 2, retrain: bool = False,
-                     echo: Callable[[str], None] = print) -> dict[str, Any]:
+                     mmr_lambda: float | str | None = "valid", members: int = 1, workers: int = 2, retrain: bool = False,
+                     echo: Callable[[str], None] = print, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole protocol on one data set; returns the report (fusionrec.ranking.report writes it)."""
     start = time.perf_counter()
     data = load_dataset(dataset)
-    checkpoints = retrieval_checkpoints(dataset, seeds, members, workers, retrain, echo)
+    checkpoints = retrieval_checkpoints(dataset, seeds, members, workers, retrain, echo, config)
     runs = []
     for s in seeds:
         runs.append(seed_run(data, checkpoints[s], s, candidates_n, mmr_lambda, home("checkpoints")))
@@ -128,7 +154,9 @@ def evaluate_ranking(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), candidate
                        "std": float(np.std([r["metrics"][v][k] for r in runs]))} for k in METRICS}
                for v in variants}
     return {"dataset": dataset, "split": data.split, "seeds": list(seeds), "candidates_n": candidates_n,
-            "mmr_lambda": mmr_lambda, "retrieval_model": f"{RETRIEVAL_VARIANT} ({members} net(s) per seed)",
+            "mmr_lambda": mmr_lambda, "config": dict(config or {}),
+            "retrieval_model": f"{RETRIEVAL_VARIANT} ({members} net(s) per seed"
+                               + "".join(f", {k}={v}" for k, v in sorted((config or {}).items())) + ")",
             "summary": summary, "tests": {v: paired_tests(runs, v) for v in variants if v != "retrieval"},
             "runs": [{k: v for k, v in r.items() if k != "per_user"} for r in runs],
             "wall_s": round(time.perf_counter() - start, 1)}

@@ -19,6 +19,13 @@ def write_ranking_report(report: dict[str, Any], out_dir: Path) -> Path:
     return stem.with_suffix(".md")
 
 
+def _mmr_sentence(mmr_lambda: float | str | None) -> str:
+    if mmr_lambda == "valid":
+        return ("MMR λ chosen per seed on valid only (λ in 0.5..1.0 by NDCG@20 of the selection half, the ranker "
+                "refitted on the fit half); the chosen λ is in the per-seed table.")
+    return "No MMR variant." if mmr_lambda is None else f"MMR λ = {mmr_lambda} (a fixed diversity setting, not tuned)."
+
+
 def _markdown(r: dict[str, Any]) -> list[str]:
     s = r["summary"]
     lines = [f"# Ranking stage: {r['dataset']}", "", f"Split: {r['split']}.", "",
@@ -26,8 +33,7 @@ def _markdown(r: dict[str, Any]) -> list[str]:
              f"class; candidates = each user's top {r['candidates_n']} by the retrieval score (user tower over the "
              "train history, train items excluded); the LightGBM lambdarank ranker is fitted on valid labels, its "
              "hyper-parameters chosen on valid only (half the valid users fit, the other half score NDCG@20); test "
-             f"labels only score it. Mean ± std over seeds {r['seeds']}; "
-             f"MMR λ = {r['mmr_lambda']} (a fixed diversity setting, not tuned).", "",
+             f"labels only score it. Mean ± std over seeds {r['seeds']}; " + _mmr_sentence(r["mmr_lambda"]), "",
              "| variant | NDCG@20 | Recall@20 | NDCG@10 | Recall@10 | coverage@20 |", "|---|---|---|---|---|---|"]
     for v, m in s.items():
         cells = [f"{m[k]['mean']:.4f} ± {m[k]['std']:.4f}" for k in ("ndcg@20", "recall@20", "ndcg@10",
@@ -50,7 +56,8 @@ def _markdown(r: dict[str, Any]) -> list[str]:
     for run in r["runs"]:
         sel = run["selection"]
         best = max(t["valid_ndcg@20"] for t in sel["trials"])
-        lines.append(f"| {run['seed']} | {sel['chosen']} | {sel['retrieval_valid_ndcg@20']:.4f} | {best:.4f} | "
+        chosen = sel["chosen"] | ({"mmr_lambda": sel["mmr_lambda"]} if "mmr_lambda" in sel else {})
+        lines.append(f"| {run['seed']} | {chosen} | {sel['retrieval_valid_ndcg@20']:.4f} | {best:.4f} | "
                      f"{run['positives_in_candidates']:.3f} | {run['lists_s']} | {run['fit_s']} |")
     lines += ["", f"Features ({len(first['features'])}): {', '.join(first['features'])}.", "",
               "Largest gain shares (seed " + str(first["seed"]) + "): "

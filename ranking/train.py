@@ -102,6 +102,13 @@ def fit_ranker(cs: CandidateSet, positives: list[np.ndarray], pos: np.ndarray, p
                                                          np.full(len(useful), n), seed=seed)
 
 
+def valid_halves(cs: CandidateSet, valid: list[np.ndarray], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(every, fit half, select half) positions into ``cs.users`` of users with valid items (seeded halves)."""
+    pos = np.flatnonzero([len(valid[u]) > 0 for u in cs.users])
+    perm = np.random.default_rng(seed + 101).permutation(pos)
+    return pos, np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2:])
+
+
 def select_and_fit(cs: CandidateSet, valid: list[np.ndarray], seed: int, k: int = 20
                    ) -> tuple[Ranker, dict[str, Any]]:
     """Choose hyper-parameters on the valid split only, then refit on every valid user.
@@ -110,9 +117,7 @@ def select_and_fit(cs: CandidateSet, valid: list[np.ndarray], seed: int, k: int 
     scored by NDCG@k of the other half at every count of ``ROUNDS``; the best point refits on both halves.
     Returns the ranker and the selection record (grid scores, chosen params).
     """
-    pos = np.flatnonzero([len(valid[u]) > 0 for u in cs.users])
-    perm = np.random.default_rng(seed + 101).permutation(pos)
-    fit_pos, sel_pos = np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2:])
+    pos, fit_pos, sel_pos = valid_halves(cs, valid, seed)
     sel_positives = [valid[u] for u in cs.users[sel_pos]]
     trials = []
     for values in itertools.product(*GRID.values()):

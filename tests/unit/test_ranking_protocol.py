@@ -70,3 +70,21 @@ def test_candidates_selection_and_report(data, tmp_path, monkeypatch):
     text = md.read_text()
     assert f"| ranking | ndcg@20 | {gain:+.4f} |" in text
     assert (tmp_path / "ranking-tiny.png").stat().st_size > 0 and (tmp_path / "ranking-tiny.json").exists()
+
+
+def test_mmr_lambda_is_chosen_on_the_valid_selection_half(data, monkeypatch):
+    from fusionrec.ranking.evaluate import K, choose_mmr_lambda
+    from fusionrec.ranking.train import fit_ranker, valid_halves
+
+    monkeypatch.setattr(ranking_train, "ROUNDS", (10, 30))
+    cs = build_candidates(get_fusion_model("weighted-v0", data.modality_dims(), block_dim=4), data, 30)
+    valid = data.user_items("valid")
+    _, selection = select_and_fit(cs, valid, seed=0)
+    lam, by_lambda = choose_mmr_lambda(cs, valid, 0, selection["chosen"], lambdas=(0.0, 0.5, 1.0))
+    assert set(by_lambda) == {0.0, 0.5, 1.0} and by_lambda[lam] == max(by_lambda.values())
+    # λ = 1 is the ranker's own order: its score is the fit-half ranker's NDCG on the selection half
+    _, fit_pos, sel_pos = valid_halves(cs, valid, 0)
+    scores = fit_ranker(cs, valid, fit_pos, selection["chosen"], 0).predict(cs.rows(sel_pos))
+    plain = per_user_metrics(reorder(cs, sel_pos, scores, K), [valid[u] for u in cs.users[sel_pos]], (K,))
+    assert by_lambda[1.0] == pytest.approx(float(plain[f"ndcg@{K}"].mean()))
+    assert by_lambda[0.0] != pytest.approx(by_lambda[1.0])  # pure diversity reorders the lists
