@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run serve test test-unit test-integration proto proto-check proto-lint proto-baseline wheel-check clean eval bench bench-gpu bench-train observe prometheus-bin reliability
+.PHONY: install run serve test test-unit test-integration proto proto-check proto-lint proto-baseline wheel-check clean eval eval-ml100k bench bench-gpu bench-train observe prometheus-bin reliability
 
 install: $(STAMP)
 
@@ -53,7 +53,8 @@ test-integration: install
 	$(PY) -m pytest -q tests/integration
 
 # The whole performance harness in one run (~23 min, the autoscaling ramp included): bench/results/summary.json + PNGs;
-# then Recommend with and without the ranking stage at 100k items (bench/results/ranking.json, ~5 min).
+# then Recommend with and without the ranking stage at 100k items (bench/results/ranking.json: engine level, then
+# Recommend over gRPC against the real app, ranking off/on twice; ~15 min).
 bench: install
 	$(VENV)/bin/fusionrec bench all
 	$(VENV)/bin/fusionrec bench ranking
@@ -87,10 +88,20 @@ clean:
 	rm -rf .fusionrec
 
 # Trains every variant on lfm2k (3 seeds each: the full model, the ablations, the other user tower, LightGCN), tests the
-# full model against its best single modality and best peer (paired over users), writes reports/quality/lfm2k.{json,md,png}.
-# An interrupted run resumes: finished training jobs are kept in .fusionrec/cache/quality-jobs.
+# full model against its best single modality and best peer (paired over users), writes reports/quality/lfm2k.{json,md,png};
+# then the full pipeline (the served 4-net retrieval model, the LightGBM ranker, MMR with λ chosen on valid) against
+# retrieval-only -> reports/quality/ranking-lfm2k.{json,md,png}. An interrupted run resumes: finished training jobs are
+# kept in .fusionrec/cache/quality-jobs (the ranking protocol reuses the full model's nets from there).
 eval: install
 	$(VENV)/bin/fusionrec evaluate --dataset lfm2k
+	$(VENV)/bin/fusionrec eval-ranking --dataset lfm2k --members 4
+
+# The same on MovieLens 100K with the setting chosen on valid for its chronological split (GRU user tower, every
+# training user split chronologically) -> reports/quality/ml-100k.* and ranking-ml-100k.*.
+ML100K_SET := --set user_tower=gru --set prefix_share=1.0
+eval-ml100k: install
+	$(VENV)/bin/fusionrec evaluate --dataset ml-100k $(ML100K_SET)
+	$(VENV)/bin/fusionrec eval-ranking --dataset ml-100k --members 4 $(ML100K_SET)
 
 # Training at catalog scale on synthetic data (100k items, 1M interactions; ~5 min, no service needed):
 # seconds per epoch, graph build, peak RSS -> bench/results/train_scale.json.

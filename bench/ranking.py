@@ -1,11 +1,13 @@
-"""Serving cost of the ranking stage: Recommend latency through RetrievalEngine with and without it, at 100k items.
+"""Serving cost of the ranking stage at 100k items: Recommend with and without it, at two levels.
 
 Engine level (no gRPC, no Ray): a real Milvus Lite store with the in-memory index, the real weighted-v0
 item and user towers over clustered synthetic modality vectors (bench/retrieval.py's source), users with
 20-event histories, and a LightGBM lambdarank ranker trained on the bench's own candidate lists
 (its held-out events as labels) at the size the evaluation chooses at most (400 rounds of 7 leaves). Each
-request runs both ways, alternating which goes first, so drift on a shared machine hits both alike. The
-gateway's fixed costs (gRPC, conversion) are not measured here: at the service level the ratio is lower.
+request runs both ways, alternating which goes first, so drift on a shared machine hits both alike.
+
+Service level (bench/ranking_service.py): Recommend over real gRPC against the real app on a fresh store
+of the same size, ranking off and on (the same ranker file) in alternating phases of one run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fusionrec.bench.ranking_service import latency_stats, ratios, run_service
 from fusionrec.bench.retrieval import VectorSource
 from fusionrec.core.paths import results_dir
 from fusionrec.fusion.registry import get_fusion_model
@@ -94,9 +97,9 @@ def _measure(engine: RetrievalEngine, model: Any, stage: RankingStage, users: li
     return out
 
 
-def run(n_items: int = 100_000, n_users: int = 2000, requests: int = 500, k: int = 10, candidates_n: int = 200,
-        seed: int = 0, out: Path | None = None, progress: Callable[[str], None] = print) -> dict[str, Any]:
-    """Build the store, train the ranker, measure both paths; writes bench/results/ranking.json."""
+def _engine_level(n_items: int, n_users: int, requests: int, k: int, candidates_n: int, seed: int,
+                  ranker_path: Path, progress: Callable[[str], None]) -> dict[str, Any]:
+    """Build the store, train the ranker (saved to ``ranker_path``), measure both paths through the engine."""
     rng = np.random.default_rng(seed)
     model = get_fusion_model("weighted-v0", DIMS)
     schema = StoreSchema(modality_dims=dict(DIMS), fused_dim=model.dim,
@@ -109,21 +112,35 @@ def run(n_items: int = 100_000, n_users: int = 2000, requests: int = 500, k: int
             held = _users(engine, n_items, n_users, rng)
             build_s = time.perf_counter() - t0
             ranker = _train_ranker(engine, model, held, candidates_n)
+            ranker.save(ranker_path)
             stage = RankingStage(ranker, candidates_n)
             users = [str(u) for u in rng.choice(list(held), requests)]
-            _measure(engine, model, stage, users[:20], k)  # warm-up (caches, first LightGBM calls)
+            _measure(engine, model, stage, users[:20], k)  # warm-up (caches, first calls)
             times = _measure(engine, model, stage, users, k)
         finally:
             engine.close()
-    stats = {mode: {"p50_ms": float(np.percentile(t, 50)), "p99_ms": float(np.percentile(t, 99)),
-                    "mean_ms": float(np.mean(t))} for mode, t in times.items()}
-    result = {"items": n_items, "users": n_users, "requests": requests, "k": k, "candidates_n": candidates_n,
-              "fused_dim": model.dim, "ranker": {"features": len(ranker.feature_names), **RANKER_PARAMS},
-              "level": "engine (RetrievalEngine.recommend: history, user tower, in-memory search, ranking); "
-                       "no gRPC", "build_s": round(build_s, 1), **stats,
-              "p50_ratio": stats["ranking"]["p50_ms"] / stats["retrieval"]["p50_ms"],
-              "p99_ratio": stats["ranking"]["p99_ms"] / stats["retrieval"]["p99_ms"]}
-    path = Path(out or results_dir() / "ranking.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, sort_keys=True))
+    stats = {mode: latency_stats(t) for mode, t in times.items()}
+    return {"level": "engine (RetrievalEngine.recommend: history, user tower, in-memory search, ranking); no gRPC",
+            "users": n_users, "requests": requests, "fused_dim": model.dim, "build_s": round(build_s, 1),
+            "ranker": {"features": len(ranker.feature_names), **RANKER_PARAMS}, **stats, **ratios(stats)}
+
+
+def run(n_items: int = 100_000, n_users: int = 2000, requests: int = 500, k: int = 10, candidates_n: int = 200,
+        seed: int = 0, out: Path | None = None, progress: Callable[[str], None] = print, service: bool = True,
+        service_requests: int = 1000, service_users: int = 1000, config: Path | None = None) -> dict[str, Any]:
+    """The engine level, then (``service``) the service level with the same ranker; writes
+    bench/results/ranking.json (``engine`` and ``service`` sections, each saying its level)."""
+    with tempfile.TemporaryDirectory(prefix="fusionrec-bench-ranker-") as tmp:
+        ranker_path = Path(tmp) / "ranker.json"
+        engine = _engine_level(n_items, n_users, requests, k, candidates_n, seed, ranker_path, progress)
+        progress(f"engine: retrieval p99 {engine['retrieval']['p99_ms']:.2f} ms, "
+                 f"ranking p99 {engine['ranking']['p99_ms']:.2f} ms")
+        result: dict[str, Any] = {"items": n_items, "k": k, "candidates_n": candidates_n, "engine": engine}
+        path = Path(out or results_dir() / "ranking.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, sort_keys=True))  # kept should the service level fail
+        if service:
+            result["service"] = run_service(ranker_path, n_items, service_users, service_requests, candidates_n,
+                                            config=config, log=progress)
+            path.write_text(json.dumps(result, indent=2, sort_keys=True))
     return result

@@ -31,6 +31,9 @@ INCOMING = {"name": "efficientnet-lite2", "options": {"num_threads": 1}}
 RAW_BATCHES = (1, 2, 4, 8)
 #: Ray starts every worker process, Serve replicas included, at this niceness (raylet setting worker_niceness)
 RAY_WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", "15"))
+#: Pause between the capacity probe and the steady load (> admission's 2 s offered-rate window), so the
+#: load's first requests are not judged by the probe's saturating arrivals.
+SETTLE_S = 5.0
 PHASES = (("re-encode", "swapping "), ("refit + commit", "re-encoded "), ("adopt", "switched: "))
 
 
@@ -68,25 +71,27 @@ def _seed(client: Client, images: list[bytes], n_items: int, n_users: int, log: 
 
 
 async def _open_loop(target: str, users: list[str], rate_per_s: float, stop: Any, ready: Any,
-                     t0: float) -> list[tuple]:
+                     t0: float, messages: dict[int, str]) -> list[tuple]:
     import grpc
 
     from fusionrec.v1 import recommender_pb2_grpc as pb_grpc
 
     rng = np.random.default_rng(11)
-    samples: list[tuple[float, float, bool]] = []
+    samples: list[tuple[float, float, int]] = []  # (start s, latency ms, grpc status code: 0 = OK)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.RecommenderStub(channel)
         await channel.channel_ready()
         ready.set()
 
         async def call(t_at: float, user: str) -> None:
-            ok = True
+            code = 0
             try:
                 await stub.Recommend(pb.RecommendRequest(user_id=user, k=10), timeout=10)
-            except grpc.aio.AioRpcError:
-                ok = False
-            samples.append((t_at - t0, (time.monotonic() - t_at) * 1000, ok))
+            except grpc.aio.AioRpcError as err:
+                code = err.code().value[0]
+                if code not in messages:
+                    messages[code] = f"{err.code().name}: {err.details()}"
+            samples.append((t_at - t0, (time.monotonic() - t_at) * 1000, code))
 
         tasks, t_next = set(), time.monotonic()
         while not stop.is_set():
@@ -101,8 +106,10 @@ async def _open_loop(target: str, users: list[str], rate_per_s: float, stop: Any
 
 def _load_process(target: str, users: list[str], rate_per_s: float, stop: Any, ready: Any, t0: float,
                   out: str) -> None:
-    samples = asyncio.run(_open_loop(target, users, rate_per_s, stop, ready, t0))
+    messages: dict[int, str] = {}
+    samples = asyncio.run(_open_loop(target, users, rate_per_s, stop, ready, t0, messages))
     np.save(out, np.array(samples, dtype=float).reshape(-1, 3))
+    Path(out).with_suffix(".errors.json").write_text(json.dumps(messages))
 
 
 class Load:
@@ -114,6 +121,7 @@ class Load:
         self.proc = ctx.Process(target=_load_process, daemon=True,
                                 args=(target, users, rate_per_s, self.stop, self.ready, t0, str(out)))
         self.samples: list[tuple[float, float, bool]] = []
+        self.errors: dict[str, str] = {}
 
     def start(self) -> None:
         self.proc.start()
@@ -123,7 +131,10 @@ class Load:
     def finish(self) -> None:
         self.stop.set()
         self.proc.join(timeout=60)
-        self.samples = [(t, ms, bool(ok)) for t, ms, ok in np.load(self.out)]
+        self.samples = [(t, ms, code == 0) for t, ms, code in np.load(self.out)]
+        errors = Path(self.out).with_suffix(".errors.json")
+        #: one message per failing status code (the first seen), keyed by the code's name
+        self.errors = {m.split(":")[0]: m for m in json.loads(errors.read_text()).values()} if errors.exists() else {}
 
     def window(self, start: float, end: float) -> list[tuple[float, float, bool]]:
         return [s for s in self.samples if start <= s[0] < end]
@@ -183,6 +194,7 @@ def run_swap(config: Path, out_dir: Path, n_items: int = 10_000, n_users: int = 
             log(f"raw {INCOMING['name']} at 1 thread, items/s by batch size: {by_batch}; the swap uses {best}")
             rate = load_share * capacity(running.target, users)
             log(f"steady load: {rate:.1f} Recommend/s ({load_share:.0%} of the capacity)")
+            time.sleep(SETTLE_S)  # the probe ran at capacity: admission's offered-rate window must forget it
             settings = SwapSettings(max_batch_size=best, concurrency=concurrency, niceness=niceness)
             result = _swap_under_load(running, users, rate, Path(tmp) / "load.npy", log, lambda echo: swap_encoder(
                 "image", EncoderConfig(**INCOMING), config, overrides=overrides, app_name=running.app_name,
@@ -237,6 +249,8 @@ def _swap_under_load(running: Any, users: list[str], rate: float, out: Path, log
     before, during = load.window(t_swap - baseline_s, t_swap), load.window(t_swap, t_end)
     return {
         "failed_requests": sum(not ok for _, _, ok in load.samples), "requests": len(load.samples),
+        "failed_examples": load.errors,
+        "failed_at_s": _failure_spans(load.samples),
         "recommend_p99_before_ms": round(_p99(before), 2), "recommend_p99_during_ms": round(_p99(during), 2),
         "recommend_p99_ratio_during_swap": round(_p99(during) / _p99(before), 3),
         "reembed_items_per_s": report["reembed_items_per_s"], "reembedded_items": report["reembedded_items"],
@@ -247,6 +261,19 @@ def _swap_under_load(running: Any, users: list[str], rate: float, out: Path, log
         "timeline": load.samples,
         "replicas": {f"{name} ({'swap' if i else 'app'})": rows for i, p in enumerate(pollers)
                      for name, rows in p.samples.items()}}
+
+
+def _failure_spans(samples: list[tuple[float, float, bool]], gap_s: float = 2.0) -> list[list[float]]:
+    """[first, last, count] of each run of failed calls (failures less than ``gap_s`` apart join one run)."""
+    spans: list[list[float]] = []
+    for t, _, ok in sorted(samples):
+        if ok:
+            continue
+        if spans and t - spans[-1][1] < gap_s:
+            spans[-1][1:] = [round(t, 2), spans[-1][2] + 1]
+        else:
+            spans.append([round(t, 2), round(t, 2), 1])
+    return spans
 
 
 def _phases(load: Load, marks: list[tuple[float, str]], t_swap: float, t_end: float) -> dict[str, dict]:

@@ -157,17 +157,24 @@ def bench_retrieval(sizes: str = "10000,100000,1000000",
 
 @bench_app.command("ranking")
 def bench_ranking(items: int = typer.Option(100_000, help="Catalog size."),
-                  requests: int = typer.Option(500, help="Recommend calls measured each way."),
+                  requests: int = typer.Option(500, help="Engine level: Recommend calls measured each way."),
                   candidates_n: int = typer.Option(200, help="Candidates the ranker re-scores."),
+                  service: bool = typer.Option(True, help="Also measure Recommend over gRPC against the real app."),
+                  service_requests: int = typer.Option(1000, help="Service level: Recommend calls per phase "
+                                                                  "(2 x ranking off, 2 x on)."),
+                  config: Path = typer.Option(None, help="Serve config for the service level (default: local.yaml)."),
                   out_dir: Path = RESULTS) -> None:
-    """Recommend p50/p99 with and without the ranking stage (engine level) -> ranking.json."""
+    """Recommend p50/p99 with and without the ranking stage, engine level then service level -> ranking.json."""
     from fusionrec.bench import ranking
 
     r = ranking.run(n_items=items, requests=requests, candidates_n=candidates_n, out=out_dir / "ranking.json",
-                    progress=lambda m: None)
-    typer.echo(f"{items} items: retrieval-only p50 {r['retrieval']['p50_ms']:.2f} ms / p99 {r['retrieval']['p99_ms']:.2f} "
-               f"ms; with ranking p50 {r['ranking']['p50_ms']:.2f} / p99 {r['ranking']['p99_ms']:.2f} ms "
-               f"(p99 ratio {r['p99_ratio']:.2f})")
+                    progress=typer.echo, service=service, service_requests=service_requests, config=config)
+    for level in ("engine", "service"):
+        if level in r:
+            x = r[level]
+            typer.echo(f"{level} level, {items} items: retrieval-only p50 {x['retrieval']['p50_ms']:.2f} / p99 "
+                       f"{x['retrieval']['p99_ms']:.2f} ms; with ranking p50 {x['ranking']['p50_ms']:.2f} / p99 "
+                       f"{x['ranking']['p99_ms']:.2f} ms (p50 ratio {x['p50_ratio']:.2f}, p99 ratio {x['p99_ratio']:.2f})")
 
 
 @bench_app.command("train")

@@ -6,6 +6,7 @@ calls it between the search and the answer.
 
 from __future__ import annotations
 
+from itertools import repeat
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -48,7 +49,7 @@ class RankingStage:
         rebuilt only when the store hands out a new list (it keeps one until the next write)."""
         if ranked is not self._pop_source:
             self._pop, self._pop_source = dict(ranked), ranked
-        return np.asarray([self._pop.get(i, 0) for i in item_ids], np.float32)
+        return np.fromiter(map(self._pop.get, item_ids, repeat(0)), np.float32, count=len(item_ids))
 
     def rerank(self, model: FusionModel, lst: CandidateList, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Order the candidates of ``lst`` (retrieval order) by the ranker, MMR when configured.

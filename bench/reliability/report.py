@@ -95,7 +95,8 @@ def _overload_md(o: dict | None) -> list[str]:
             f"unloaded p99 {o['unloaded_p99_ms']:.1f} ms. Offered {o['offered_qps']:.0f} req/s open-loop "
             f"(sent {o['sent_qps']:.0f}, p99 {o.get('send_lag_p99_ms', 0):.0f} ms late), "
             f"deadline {o['deadline_ms']:.0f} ms: admitted p50 "
-            f"{_fmt(o['admitted_p50_ms'])} ms, p99 {_fmt(o['admitted_p99_ms'])} ms; shed "
+            f"{_fmt(o['admitted_p50_ms'])} ms, p99 {_fmt(o['admitted_p99_ms'])} ms (calls sent after the first 2 s: "
+            f"{_fmt(o.get('admitted_p99_after_2s_ms'))} ms), {_fmt(o.get('admitted_qps'))} req/s admitted; shed "
             f"{o['shed_fraction']:.1%} (median {_fmt(o['shed_median_ms'])} ms); other failures "
             f"{o['failed_other_fraction']:.1%}; codes `{o['codes']}`."]
 

@@ -4,7 +4,10 @@ door over a servicer with a fixed capacity (one request at a time), saturated wi
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -70,16 +73,55 @@ def test_parallel_completions_lower_the_service_time_and_the_queue_decides():
         est.end(t)
 
 
-def test_latency_objective_sheds_beyond_a_multiple_of_the_lone_latency():
+def _offer(est: LoadEstimator, clock: Clock, n: int, every_s: float) -> None:
+    """``n`` requests offered ``every_s`` apart, all shed or admitted but never finished (an open-loop surge)."""
+    for _ in range(n):
+        clock.t += every_s
+        est.verdict(10.0)
+
+
+def test_latency_objective_sheds_beyond_a_multiple_of_the_lone_latency_only_while_overloaded():
     clock = Clock()
     est = LoadEstimator(headroom=1.0, latency_factor=2.0, min_samples=4, now=clock)
     _run_alone(est, clock, 10, 0.03)
     assert est.alone_latency_s() == pytest.approx(0.03)
-    held = [est.begin()]
-    assert est.verdict(10.0) is None  # 2 x 30 ms = the objective itself
-    held += [est.begin(), est.begin()]
+    assert est.service_time_s() == pytest.approx(0.03)  # capacity: 33 requests/s
+    held = [est.begin() for _ in range(3)]
+    clock.t += 2.5  # the lone requests left the 2 s rate window: nothing offered lately
+    shed = est.verdict(10.0)
+    assert shed is None  # 4 x 30 ms is beyond 2 x 30 ms, but 1 request in 2 s is no overload
+    _offer(est, clock, 80, 0.02)  # 50 requests/s offered against 33/s of capacity
+    assert est.offered_qps() == pytest.approx(40, abs=1)  # the last 2 s
+    assert est.overloaded(est.service_time_s())
     shed = est.verdict(10.0)
     assert shed is not None and shed.reason == OBJECTIVE_REASON and "latency objective" in shed.message()
+    assert shed.bound_s == pytest.approx(0.06) and shed.estimate_s == pytest.approx(0.12)
+    for t in held:
+        est.end(t)
+    est.latency_factor = 1.5  # 2 x 30 ms is beyond 1.5 x 30 ms, but the objective keeps 2 requests in flight
+    held = [est.begin()]
+    assert est.overloaded(est.service_time_s()) and est.verdict(10.0) is None
+    est.end(held[0])
+
+
+def test_callers_that_wait_for_their_answers_are_never_shed_by_the_objective():
+    """Six closed-loop callers on a server that serves one request at a time: each waits 6 x the lone
+    latency, far beyond the objective, but they offer no more than the capacity (what Serve's autoscaling
+    must see queued), so only the deadline could shed them."""
+    clock = Clock()
+    est = LoadEstimator(headroom=1.0, latency_factor=2.0, min_samples=4, now=clock)
+    _run_alone(est, clock, 10, 0.03)
+    queue = []
+    for _ in range(6):  # all six start at once
+        assert est.verdict(10.0) is None
+        queue.append(est.begin())
+    for _ in range(400):  # 12 s: the head finishes every 30 ms and its caller sends the next at once
+        clock.t += 0.03
+        est.end(queue.pop(0))
+        assert est.verdict(10.0) is None, (est.offered_qps(), est.service_time_s())
+        queue.append(est.begin())
+    assert est.service_time_s() == pytest.approx(0.03)
+    assert est.offered_qps() * est.service_time_s() == pytest.approx(1.0, abs=0.05)
 
 
 class _OneAtATime(pb_grpc.RecommenderServicer):
@@ -90,11 +132,19 @@ class _OneAtATime(pb_grpc.RecommenderServicer):
         self.calls = 0
         self._lock: asyncio.Lock | None = None
 
+        self.waiting = 0  # calls that reached the backend and have not finished
+        self.max_waiting = 0
+
     async def Recommend(self, request, context):
         self.calls += 1
+        self.waiting += 1
+        self.max_waiting = max(self.max_waiting, self.waiting)
         self._lock = self._lock or asyncio.Lock()
-        async with self._lock:
-            await asyncio.sleep(self.service_s)
+        try:
+            async with self._lock:
+                await asyncio.sleep(self.service_s)
+        finally:
+            self.waiting -= 1
         return pb.RecommendResponse(model_version="slow")
 
 
@@ -116,7 +166,9 @@ def _front_door(cfg: ServerConfig, servicer, metrics: Metrics):
 def test_saturated_front_door_sheds_what_cannot_meet_its_deadline_and_admitted_calls_succeed():
     servicer = _OneAtATime(service_s=0.05)
     metrics = Metrics()
-    with _front_door(ServerConfig(port=0, admission_headroom=0.8), servicer, metrics) as stub:
+    # The deadline rule alone (the latency objective, which would shed earlier, has its own test).
+    with _front_door(ServerConfig(port=0, admission_headroom=0.8, admission_latency_factor=0), servicer,
+                     metrics) as stub:
         for _ in range(12):  # measured service time: ~50 ms per request
             stub.Recommend(pb.RecommendRequest(user_id="u"), timeout=5)
         futures = [stub.Recommend.future(pb.RecommendRequest(user_id="u"), timeout=0.6) for _ in range(40)]
@@ -150,3 +202,44 @@ def test_shedding_can_be_turned_off():
             except grpc.RpcError as err:
                 codes.add(err.code())
     assert grpc.StatusCode.RESOURCE_EXHAUSTED not in codes and grpc.StatusCode.DEADLINE_EXCEEDED in codes
+
+
+def _codes(futures) -> collections.Counter:
+    codes: collections.Counter = collections.Counter()
+    for f in futures:
+        try:
+            f.result()
+            codes["OK"] += 1
+        except grpc.RpcError as err:
+            codes[err.code().name] += 1
+    return codes
+
+
+def test_objective_lets_waiting_callers_queue_and_cuts_an_open_loop_surge_to_a_short_queue():
+    """The objective at factor 2 (off by default), one request at a time of 20 ms behind the front door (capacity 50/s). Six callers that wait for
+    their answers queue six deep and are all admitted; then requests sent on a schedule at three times the
+    capacity: once the surge is seen (within the 2 s rate window) the backend's queue stays a few requests
+    deep instead of growing to what the 5 s deadline would allow, the rest shed by the latency objective."""
+    servicer = _OneAtATime(service_s=0.02)
+    metrics = Metrics()
+    request = pb.RecommendRequest(user_id="u")
+    with _front_door(ServerConfig(port=0, admission_latency_factor=2.0), servicer, metrics) as stub:
+        for _ in range(12):  # lone requests: the objective's baseline
+            stub.Recommend(request, timeout=5)
+
+        def caller() -> collections.Counter:
+            return _codes(stub.Recommend.future(request, timeout=5) for _ in range(40))
+
+        with ThreadPoolExecutor(6) as pool:
+            closed = sum((f.result() for f in [pool.submit(caller) for _ in range(6)]), collections.Counter())
+        assert closed == {"OK": 240} and servicer.max_waiting == 6
+        futures, t0 = [], time.monotonic()
+        for i in range(600):  # 150/s for 4 s
+            time.sleep(max(t0 + i / 150 - time.monotonic(), 0))
+            if i == 450:
+                servicer.max_waiting = servicer.waiting  # the last second: long after the surge was seen
+            futures.append(stub.Recommend.future(request, timeout=5))
+        surge = _codes(futures)
+    assert set(surge) == {"OK", "RESOURCE_EXHAUSTED"}, surge
+    assert metrics.rejected.labels("Recommend", OBJECTIVE_REASON)._value.get() > 0
+    assert servicer.max_waiting <= 8, servicer.max_waiting  # deadline rule alone: ~200 (5 s x 0.8 / 20 ms)
