@@ -197,10 +197,16 @@ class RetrievalEngine:
                                                           or self._stale(model, query, query_versions)):
             return None
         try:
-            return self._recommend(q, query, model, history_limit)
-        except StoreSwitched:  # another replica switched the shared store under this call
+            return self._recommend(q, query, model, history_limit, query_versions)
+        except StoreSwitched:  # a switch (this replica's or another's) landed between the check above and the read
             self.sync(force=True)
             return None
+        except (InvalidArgument, ValueError):
+            # A switch committed during the call (it does not wait for the engine lock): the model's vectors no
+            # longer fit the store's (e.g. "query: expected shape"); the caller refreshes and retries.
+            if self._stale(model, query, query_versions):
+                return None
+            raise
 
     def _stale(self, model: FusionModel, query: dict[str, np.ndarray], query_versions: dict[str, str] | None) -> bool:
         """Whether the request's model or query encoders are not the stored vectors' ones."""
@@ -209,8 +215,10 @@ class RetrievalEngine:
             v != stored.get(m, v) for m, v in (query_versions or {}).items() if m in query)
 
     def _recommend(self, q: RecommendQuery, query: dict[str, np.ndarray], model: FusionModel,
-                   history_limit: int) -> Ranked:
+                   history_limit: int, query_versions: dict[str, str] | None = None) -> Ranked:
         with self._lock, self.store.consistent_reads():
+            if self._stale(model, query, query_versions):  # a commit on this replica ran since recommend()'s check
+                raise StoreSwitched(f"the store switched to {self.schema.model_version} during the call")
             history_ids, history = self._history(q, model.dim, history_limit)
             if not len(history) and not query:
                 return self.popular(q.k, q.filters, set(q.exclude_item_ids))
