@@ -18,6 +18,7 @@ from fusionrec.gateway.metrics import Metrics
 from fusionrec.gateway.server import create_server, set_serving
 from fusionrec.v1 import recommender_pb2 as pb
 from fusionrec.v1 import recommender_pb2_grpc as pb_grpc
+from grpc_support import settle
 from loop_support import LoopThread
 
 
@@ -171,14 +172,7 @@ def test_saturated_front_door_sheds_what_cannot_meet_its_deadline_and_admitted_c
                      metrics) as stub:
         for _ in range(12):  # measured service time: ~50 ms per request
             stub.Recommend(pb.RecommendRequest(user_id="u"), timeout=5)
-        futures = [stub.Recommend.future(pb.RecommendRequest(user_id="u"), timeout=0.6) for _ in range(40)]
-        ok, shed = 0, []
-        for f in futures:
-            try:
-                f.result()
-                ok += 1
-            except grpc.RpcError as err:
-                shed.append(err)
+        ok, shed = settle([stub.Recommend.future(pb.RecommendRequest(user_id="u"), timeout=0.6) for _ in range(40)])
     assert shed and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in shed), \
         {e.code() for e in shed}  # admitted calls all met their deadline: no DEADLINE_EXCEEDED
     assert ok >= 3
@@ -205,13 +199,10 @@ def test_shedding_can_be_turned_off():
 
 
 def _codes(futures) -> collections.Counter:
-    codes: collections.Counter = collections.Counter()
-    for f in futures:
-        try:
-            f.result()
-            codes["OK"] += 1
-        except grpc.RpcError as err:
-            codes[err.code().name] += 1
+    ok, errors = settle(futures)
+    codes = collections.Counter(err.code().name for err in errors)
+    if ok:
+        codes["OK"] = ok
     return codes
 
 
