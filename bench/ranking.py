@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from fusionrec.bench.ranking_service import latency_stats, ratios, run_service
 from fusionrec.bench.retrieval import VectorSource
@@ -115,8 +116,11 @@ def _engine_level(n_items: int, n_users: int, requests: int, k: int, candidates_
             ranker.save(ranker_path)
             stage = RankingStage(ranker, candidates_n)
             users = [str(u) for u in rng.choice(list(held), requests)]
-            _measure(engine, model, stage, users[:20], k)  # warm-up (caches, first calls)
-            times = _measure(engine, model, stage, users, k)
+            # One BLAS thread, as in a Serve replica (Ray sets OMP_NUM_THREADS=1 for fractional CPUs): two threads
+            # on this 2-core machine made a (200 x 768) @ (768 x 20) product 60x slower whenever the other core was busy.
+            with threadpool_limits(1):
+                _measure(engine, model, stage, users[:20], k)  # warm-up (caches, first calls)
+                times = _measure(engine, model, stage, users, k)
         finally:
             engine.close()
     stats = {mode: latency_stats(t) for mode, t in times.items()}
@@ -127,7 +131,8 @@ def _engine_level(n_items: int, n_users: int, requests: int, k: int, candidates_
 
 def run(n_items: int = 100_000, n_users: int = 2000, requests: int = 500, k: int = 10, candidates_n: int = 200,
         seed: int = 0, out: Path | None = None, progress: Callable[[str], None] = print, service: bool = True,
-        service_requests: int = 1000, service_users: int = 1000, config: Path | None = None) -> dict[str, Any]:
+        service_requests: int = 500, service_users: int = 1000, service_pairs: int = 6,
+        config: Path | None = None) -> dict[str, Any]:
     """The engine level, then (``service``) the service level with the same ranker; writes
     bench/results/ranking.json (``engine`` and ``service`` sections, each saying its level)."""
     with tempfile.TemporaryDirectory(prefix="fusionrec-bench-ranker-") as tmp:
@@ -141,6 +146,6 @@ def run(n_items: int = 100_000, n_users: int = 2000, requests: int = 500, k: int
         path.write_text(json.dumps(result, indent=2, sort_keys=True))  # kept should the service level fail
         if service:
             result["service"] = run_service(ranker_path, n_items, service_users, service_requests, candidates_n,
-                                            config=config, log=progress)
+                                            pairs=service_pairs, config=config, log=progress)
             path.write_text(json.dumps(result, indent=2, sort_keys=True))
     return result

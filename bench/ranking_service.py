@@ -3,8 +3,8 @@
 The real app (deploy/local.yaml: the Gateway's grpc.aio front door, the encoder, Fusion and Retrieval
 deployments, the in-memory index over a Milvus Lite file) on a fresh store seeded with n synthetic
 items and users (bench/seed.py seed_store). One app cannot serve both ways at once, so phases alternate:
-ranking off (as started), on (redeployed with ``store.ranking`` naming the ranker; a change of the app's
-arguments restarts its deployments, so the front door keeps a fixed port), off, on, ... Each phase waits until answers show its mode (with ranking off an item's
+ranking off (as started), on (the Retrieval deployment's user_config names the ranker: applied to the
+running replica in about a second), off, on, ... Each phase waits until answers show its mode (with ranking off an item's
 score is the sum of its per-modality contributions, with the ranker it is not), warms up, then sends
 sequential by-user Recommend calls from one client. Latency is the client's: gRPC, the Gateway, the
 Retrieval hop, the engine and the ranking stage.
@@ -118,9 +118,10 @@ def _start(config: Path, overrides: dict[str, Any], log: Log) -> Any:
         return start(config, overrides=overrides)
 
 
-def run_service(ranker_path: Path, n_items: int, n_users: int, requests: int, candidates_n: int, pairs: int = 2,
+def run_service(ranker_path: Path, n_items: int, n_users: int, requests: int, candidates_n: int, pairs: int = 6,
                 warmup: int = 50, config: Path | None = None, log: Log = print) -> dict[str, Any]:
-    """Start the app, seed it, measure ``pairs`` x (ranking off, ranking on); stops the app (and Ray) at the end."""
+    """Start the app, seed it, measure ``pairs`` x (ranking off, ranking on), which mode goes first alternating
+    from pair to pair (drift on a shared machine hits both alike); stops the app (and Ray) at the end."""
     from fusionrec.bench.reliability.service import free_port
     from fusionrec.bench.seed import seed_store
     from fusionrec.client import Client
@@ -131,8 +132,8 @@ def run_service(ranker_path: Path, n_items: int, n_users: int, requests: int, ca
     rng = np.random.default_rng(3)
     with tempfile.TemporaryDirectory(prefix="fusionrec-bench-ranking-service-") as tmp:
         plain = {"server": {"port": free_port(), "metrics_port": 0}, "store": {"uri": str(Path(tmp) / "bench.db")}}
-        ranked = {**plain, "store": {**plain["store"], "ranking": {"ranker_path": str(ranker_path),
-                                                                   "candidates_n": candidates_n}}}
+        # The ranking stage is the Retrieval deployment's user_config: switched in place, no replica restarts.
+        ranked = {**plain, "ranking": {"ranker_path": str(ranker_path), "candidates_n": candidates_n}}
         try:
             running = _start(config, plain, log)
             client = Client(running.target)
@@ -141,10 +142,10 @@ def run_service(ranker_path: Path, n_items: int, n_users: int, requests: int, ca
             log(f"service: seeded {n_items} items, {len(users)} users in {time.monotonic() - t0:.0f} s")
             phases: list[dict[str, Any]] = []
             for pair in range(pairs):
-                for mode in MODES:
+                for mode in MODES if pair % 2 == 0 else MODES[::-1]:
                     t1 = time.monotonic()
                     if phases:  # the app starts with ranking off
-                        redeploy(config, overrides=ranked if mode == "ranking" else plain)
+                        redeploy(config, overrides=ranked if mode == "ranking" else {**plain, "ranking": {}})
                     waited = _wait_for_mode(client, users[:PROBE_USERS], mode)
                     _wait_settled(running.app_name)
                     samples = _sequential(client, users, requests, warmup, rng)

@@ -160,15 +160,17 @@ def bench_ranking(items: int = typer.Option(100_000, help="Catalog size."),
                   requests: int = typer.Option(500, help="Engine level: Recommend calls measured each way."),
                   candidates_n: int = typer.Option(200, help="Candidates the ranker re-scores."),
                   service: bool = typer.Option(True, help="Also measure Recommend over gRPC against the real app."),
-                  service_requests: int = typer.Option(1000, help="Service level: Recommend calls per phase "
-                                                                  "(2 x ranking off, 2 x on)."),
+                  service_requests: int = typer.Option(500, help="Service level: Recommend calls per phase."),
+                  service_pairs: int = typer.Option(6, help="Service level: phases of ranking off and on, each "
+                                                            "(switched in place, which goes first alternating)."),
                   config: Path = typer.Option(None, help="Serve config for the service level (default: local.yaml)."),
                   out_dir: Path = RESULTS) -> None:
     """Recommend p50/p99 with and without the ranking stage, engine level then service level -> ranking.json."""
     from fusionrec.bench import ranking
 
     r = ranking.run(n_items=items, requests=requests, candidates_n=candidates_n, out=out_dir / "ranking.json",
-                    progress=typer.echo, service=service, service_requests=service_requests, config=config)
+                    progress=typer.echo, service=service, service_requests=service_requests,
+                    service_pairs=service_pairs, config=config)
     for level in ("engine", "service"):
         if level in r:
             x = r[level]

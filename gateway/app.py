@@ -15,7 +15,8 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from fusionrec.gateway.config import AppConfig, EncoderUserConfig, FusionConfig, encoder_deployment_name
+from fusionrec.gateway.config import AppConfig, EncoderUserConfig, FusionConfig, RetrievalUserConfig, \
+    encoder_deployment_name
 from fusionrec.gateway.deployments import EncoderDeployment, FusionDeployment, RetrievalDeployment, settle_heap
 from fusionrec.gateway.pipeline import Recommender
 from fusionrec.gateway.health import watch_deployments
@@ -122,7 +123,8 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "Gateway": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 1024, "num_replicas": 2},
     "Fusion": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 256, "max_queued_requests": 512,
                "user_config": FusionConfig().model_dump()},
-    "Retrieval": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 256, "max_queued_requests": 512},
+    "Retrieval": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 256, "max_queued_requests": 512,
+                  "user_config": RetrievalUserConfig().model_dump()},
 }
 #: max_queued_requests: bounded queues in every caller's handle (Serve's default is unbounded); beyond it
 #: Serve raises BackPressureError, answered RESOURCE_EXHAUSTED with retry advice (gateway/errors.py).

@@ -181,13 +181,21 @@ class RankingConfig(_Strict):
 
     ranker_path: str = Field(
         "", description="A ranker file written by fusionrec.ranking (Ranker.save, e.g. by `fusionrec eval-ranking`); "
-                        "relative paths resolve against the working folder; empty: no ranking stage (the search's "
-                        "order, exactly as without this section).")
+                        "a relative path resolves against the Retrieval replica's working folder (where the cluster "
+                        "started); empty: no ranking stage (the search's order, exactly as without this section).")
     candidates_n: int = Field(200, ge=1, le=2000, description="Retrieval candidates the ranker re-scores per "
                                                               "request (k itself when k is larger).")
     mmr_lambda: float | None = Field(
         None, ge=0.0, le=1.0, description="Diversity re-rank after the ranker (MMR): 1 = ranker order, lower trades "
                                           "relevance for variety; null: no MMR.")
+
+
+class RetrievalUserConfig(_Strict):
+    """The Retrieval deployment's ``user_config``: applied to the running replica without a restart (its
+    store and in-memory index stay loaded), e.g. a retrained ranker or the stage turned on or off."""
+
+    ranking: RankingConfig = Field(default_factory=RankingConfig,
+                                   description="Re-score the top candidates with a trained ranker (off by default).")
 
 
 class StoreConfig(_Strict):
@@ -224,12 +232,19 @@ class StoreConfig(_Strict):
     content_uri: str = Field(
         "", description="Content store: a folder (one file per sha256), a shared path for a cluster; relative "
                         "paths resolve against the working folder; empty: $FUSIONREC_HOME/content.")
-    ranking: RankingConfig = Field(default_factory=RankingConfig,
-                                   description="Re-score the top candidates with a trained ranker (off by default).")
 
     @property
     def is_lite(self) -> bool:
         return not self.uri or self.uri.endswith(".db")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "ranking" in data:
+            raise ValueError("store.ranking moved to the Retrieval deployment's user_config (applied to the running "
+                             "replica without a restart): `deployments: [{name: Retrieval, user_config: {ranking: "
+                             "{ranker_path: ..., candidates_n: 200}}}]`")
+        return data
 
     @model_validator(mode="after")
     def _check_backend(self) -> "StoreConfig":
@@ -248,9 +263,6 @@ class StoreConfig(_Strict):
             out.uri = str(Path(out.uri or home("milvus.db")).expanduser().resolve())
         if out.content_is_local:
             out.content_uri = str(Path(out.content_uri or home("content")).expanduser().resolve())
-        if out.ranking.ranker_path:
-            out.ranking = out.ranking.model_copy(
-                update={"ranker_path": str(Path(out.ranking.ranker_path).expanduser().resolve())})
         return out
 
     @property
@@ -333,6 +345,10 @@ def _max_replicas(override: dict[str, Any]) -> int:
     return int((override.get("autoscaling_config") or {}).get("max_replicas", 1))
 
 
+#: Deployments whose ``user_config`` has its own schema (every other one is an encoder's).
+USER_CONFIGS: dict[str, type[_Strict]] = {"Fusion": FusionConfig, "Retrieval": RetrievalUserConfig}
+
+
 def check_deployment_overrides(cfg: AppConfig, overrides: list[dict[str, Any]]) -> None:
     """ValueError for an override Serve would silently ignore or that cannot work: an unknown
     deployment name or option, a `user_config` the deployment would refuse, or several Retrieval
@@ -352,7 +368,7 @@ def check_deployment_overrides(cfg: AppConfig, overrides: list[dict[str, Any]]) 
         if isinstance(override.get("autoscaling_config"), dict):
             AutoscalingConfig.model_validate(override["autoscaling_config"])
         if "user_config" in override:
-            (FusionConfig if name == "Fusion" else EncoderUserConfig).model_validate(override["user_config"])
+            USER_CONFIGS.get(name, EncoderUserConfig).model_validate(override["user_config"])
         if name == "Retrieval" and _max_replicas(override) > 1 and cfg.store.is_lite:
             raise ValueError("Milvus Lite allows one owner process: Retrieval must keep one replica "
                              "unless store.uri points at a Milvus server")

@@ -19,7 +19,8 @@ from ray.serve.handle import DeploymentHandle
 from fusionrec.encoders.base import InvalidContent
 from fusionrec.encoders.registry import get_encoder
 from fusionrec.fusion.registry import get_fusion_model
-from fusionrec.gateway.config import EncoderConfig, EncoderUserConfig, FusionConfig, RankingConfig, StoreConfig, secret
+from fusionrec.gateway.config import EncoderConfig, EncoderUserConfig, FusionConfig, RankingConfig, RetrievalUserConfig, \
+    StoreConfig, secret
 from fusionrec.gateway.metrics_cluster import EncoderLoad, StoreProgress
 from fusionrec.core.errors import FailedPrecondition
 from fusionrec.retrieval.base import InteractionEvent, StoredItem, StoreSchema
@@ -27,6 +28,7 @@ from fusionrec.retrieval.content import open_content_store
 from fusionrec.retrieval.engine import RetrievalEngine
 from fusionrec.retrieval.query import Ranked, RecommendQuery
 from fusionrec.retrieval.server_items import ServerOptions
+from fusionrec.retrieval.swap import preemptible
 
 log = logging.getLogger("ray.serve")  # lands in the replica log files
 
@@ -61,7 +63,10 @@ def lower_priority(niceness: int) -> None:
 class EncoderDeployment:
     """One modality encoder behind @serve.batch; a bad input fails only its own request."""
 
-    def __init__(self, modality: str, config: dict) -> None:
+    def __init__(self, modality: str, config: dict, niceness: int = 0) -> None:
+        # An incoming encoder of a swap lowers its priority before loading its model (user_config's niceness
+        # comes only after __init__): its load, like its encoding, yields the shared cores to serving.
+        lower_priority(niceness)
         self.modality = modality
         self.configured = EncoderConfig.model_validate(config)  # the app args' choice
         self.current = self.configured  # what runs now: user_config's `encoder` replaces it
@@ -83,8 +88,9 @@ class EncoderDeployment:
         self._encode_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         lower_priority(cfg.niceness)
         wanted = cfg.encoder or self.configured
-        if wanted != self.current:
-            self.encoder = self._load(wanted)  # batches in flight finish with the encoder they started with
+        if wanted != self.current:  # batches in flight finish with the encoder they started with
+            # At the lowest priority (a swap's last step, while serving): this replica's requests wait, others not.
+            self.encoder = preemptible(lambda: self._load(wanted))
             self.current = wanted
             log.info("%s encoder is now %s", self.modality, self.encoder.version)
 
@@ -201,7 +207,8 @@ def _ranking_stage(cfg: RankingConfig) -> Any:
         return None
     from fusionrec.ranking.stage import RankingStage  # LightGBM loads only where a ranker is configured
 
-    return RankingStage.from_file(cfg.ranker_path, cfg.candidates_n, cfg.mmr_lambda)
+    path = os.path.abspath(os.path.expanduser(cfg.ranker_path))
+    return RankingStage.from_file(path, cfg.candidates_n, cfg.mmr_lambda)
 
 
 @serve.deployment
@@ -229,9 +236,9 @@ class RetrievalDeployment:
             index_params=cfg.index_params, flush_every_rows=cfg.flush_every_rows,
             content=open_content_store(cfg.content_uri) if cfg.retain_content else None,
             server=ServerOptions(consistency_level=cfg.consistency_level, state_ttl_s=cfg.state_ttl_s,
-                                 popularity_ttl_s=cfg.popularity_ttl_s),
-            ranking=_ranking_stage(cfg.ranking))
+                                 popularity_ttl_s=cfg.popularity_ttl_s))
         self._models: dict[str, Any] = {}
+        self.user_cfg = RetrievalUserConfig()  # reconfigure() applies the deployment's
         self.progress = StoreProgress()  # re-index and swap progress, for the Gateway's /metrics
         self._unsettled = 0  # items written since the last settle_heap()
         self._settle_lock = threading.Lock()
@@ -243,6 +250,17 @@ class RetrievalDeployment:
             await self.reindex(fusion_info["version"])  # settles the heap itself
         else:
             settle_heap()
+
+    def reconfigure(self, user_config: dict) -> None:
+        """The ranking stage, swapped in place: requests in flight finish with the stage they started with."""
+        cfg = RetrievalUserConfig.model_validate(user_config)  # typed: a misspelt key fails the deploy
+        self.engine.ranking = _ranking_stage(cfg.ranking)
+        self.user_cfg = cfg
+        log.info("ranking stage: %s", cfg.ranking.model_dump() if cfg.ranking.ranker_path else "off")
+
+    def user_config(self) -> dict[str, Any]:
+        """The user_config in effect (what a redeploy, e.g. an encoder swap's, must keep)."""
+        return self.user_cfg.model_dump()
 
     @property
     def schema(self) -> StoreSchema:

@@ -76,13 +76,24 @@ class Recommender:
         self.modality_dims: dict[str, int] = {}
         self.model_version = ""
         self._load_lock = asyncio.Lock()
+        self._loads_begun = 0  # loads begun so far; the number of the last one finished:
+        self._load_finished = 0
 
-    async def load(self) -> None:
+    async def load(self, after: int | None = None) -> None:
         """Wait until every deployment has loaded its model, and learn versions, dims and which
         encoder serves each modality (gateway/routing.py). One at a time: a refresh that read the store
-        before a switch must not finish after (and overwrite) one that read it after."""
+        before a switch must not finish after (and overwrite) one that read it after.
+
+        ``after`` (``self._loads_begun`` when the caller met a switch): nothing to do once a load begun
+        after that has finished. Every request in flight meets a switch at once, and one load each, in
+        turn, queued them behind each other for seconds (`fusionrec bench swap`, the commit)."""
         async with self._load_lock:
+            if after is not None and self._load_finished > after:
+                return
+            self._loads_begun += 1
+            number = self._loads_begun
             await self._load()
+            self._load_finished = number
 
     async def _load(self) -> None:
         infos = await asyncio.gather(*(h.info.remote() for h in self.encoders.values()))
@@ -123,7 +134,7 @@ class Recommender:
                                                                self.limits.max_history, versions)
             if ranked is not None:
                 break
-            await self.load()  # re-indexed, or an encoder swap committed, meanwhile: follow it, once
+            await self.load(self._loads_begun)  # re-indexed, or an encoder swap committed, meanwhile: follow it
         if ranked is None:
             self._raise_stale(versions)
         stages.mark("retrieve_and_rank")
@@ -232,7 +243,7 @@ class Recommender:
             except SchemaMismatch:
                 if attempt == 2:
                     raise
-                await self.load()  # re-indexed or an encoder swapped meanwhile: encode and fuse again
+                await self.load(self._loads_begun)  # re-indexed or an encoder swapped meanwhile: encode, fuse again
         raise AssertionError("unreachable")
 
     async def _encode_items(self, items: list[ItemInput], versions: list[dict[str, str]]

@@ -98,9 +98,10 @@ def render_config(config_path: str | Path, overrides: dict[str, Any] | None = No
     """The Serve config file with overrides applied, as a dict, checked like the file itself.
 
     overrides: merged into the app's `args` (e.g. {"server": {"port": 0}, "store": {"uri": ...}}),
-        except two keys: "deployments" (deployment name -> options, each option replacing the one in
-        that deployment's `deployments:` entry) and "fusion" (replaces the Fusion `user_config`,
-        the fusion model).
+        except three keys: "deployments" (deployment name -> options, each option replacing the one in
+        that deployment's `deployments:` entry), "fusion" (replaces the Fusion `user_config`,
+        the fusion model) and "ranking" (the Retrieval `user_config`'s ranking stage). The last two
+        apply to the running replicas without a restart.
     """
     from fusionrec.gateway.config import ServeFile
 
@@ -111,6 +112,9 @@ def render_config(config_path: str | Path, overrides: dict[str, Any] | None = No
     fusion = overrides.pop("fusion", None)
     if fusion is not None:
         changes.setdefault("Fusion", {})["user_config"] = fusion
+    ranking = overrides.pop("ranking", None)
+    if ranking is not None:
+        changes.setdefault("Retrieval", {})["user_config"] = {"ranking": ranking}
     app = config["applications"][0]
     app["args"] = _merge(app.get("args") or {}, overrides)
     entries = {d["name"]: dict(d) for d in app.get("deployments") or []}

@@ -100,8 +100,9 @@ def swap_encoder(modality: str, encoder: EncoderConfig, config: Path, ray_addres
 
 
 def live_overrides(config: Path, overrides: dict[str, Any] | None, app_name: str) -> dict[str, Any]:
-    """``overrides`` plus the running app's live settings a config file may not hold: the Fusion model
-    and each encoder deployment's user_config (an earlier swap set its encoder in place)."""
+    """``overrides`` plus the running app's live settings a config file may not hold: the Fusion model,
+    Retrieval's ranking stage and each encoder deployment's user_config (an earlier swap set its encoder
+    in place)."""
     from ray import serve
 
     from fusionrec.gateway.config import load_serve_file
@@ -114,7 +115,8 @@ def live_overrides(config: Path, overrides: dict[str, Any] | None, app_name: str
     for n, user_config in live.items():
         deployments[n] = {**deployments.get(n, {}), "user_config": user_config}
     fusion = call_handle(serve.get_deployment_handle("Fusion", app_name), "config", timeout_s=120)
-    return {**(overrides or {}), "deployments": deployments, "fusion": fusion}
+    ranking = call_handle(serve.get_deployment_handle("Retrieval", app_name), "user_config", timeout_s=120)["ranking"]
+    return {"ranking": ranking, **(overrides or {}), "deployments": deployments, "fusion": fusion}
 
 
 def incoming_options(modality: str, rendered: dict[str, Any], settings: SwapSettings) -> dict[str, Any]:
@@ -138,8 +140,9 @@ def _start_incoming(modality: str, encoder: EncoderConfig, rendered: dict[str, A
 
     from fusionrec.gateway.deployments import EncoderDeployment
 
-    options = incoming_options(modality, rendered, settings or SwapSettings())
-    app = EncoderDeployment.options(**options).bind(modality, encoder.model_dump())
+    settings = settings or SwapSettings()
+    options = incoming_options(modality, rendered, settings)
+    app = EncoderDeployment.options(**options).bind(modality, encoder.model_dump(), settings.niceness)
     serve.run(app, name=swap_app_name(app_name, modality), route_prefix=None)
     return serve.get_deployment_handle(encoder_deployment_name(modality), swap_app_name(app_name, modality))
 

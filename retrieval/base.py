@@ -42,6 +42,34 @@ class Candidate:
 
 
 @dataclass
+class Hits:
+    """Search hits as arrays, best first: the ranking stage re-scores a few hundred of them, and only the
+    ones answered become Candidates (building 200 of them cost the served path 0.4 ms).
+
+    scores: (n,) float32; fused: (n, fused_dim) float32; attributes: n dicts.
+    """
+
+    item_ids: list[str]
+    scores: np.ndarray
+    fused: np.ndarray
+    attributes: list[dict[str, AttributeValue]]
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @classmethod
+    def of(cls, candidates: list[Candidate], dim: int) -> "Hits":
+        return cls([c.item_id for c in candidates], np.asarray([c.score for c in candidates], np.float32),
+                   np.stack([c.fused for c in candidates]) if candidates else np.zeros((0, dim), np.float32),
+                   [c.attributes for c in candidates])
+
+    def candidates(self, order: np.ndarray | None = None) -> list[Candidate]:
+        """The hits at ``order`` (default: all), as Candidates."""
+        picks = range(len(self)) if order is None else np.asarray(order).tolist()
+        return [Candidate(self.item_ids[i], float(self.scores[i]), self.fused[i], self.attributes[i]) for i in picks]
+
+
+@dataclass
 class FilterSpec:
     """A structured filter on one attribute: exactly one of equals / range / in_set."""
 
@@ -118,6 +146,11 @@ class ItemStore(ABC):
     ) -> list[Candidate]:
         """Top-k items by inner product with query ((fused_dim,) float32), best first; with
         ``only_ids``, among those items only."""
+
+    def search_hits(self, query: np.ndarray, k: int, filters: list[FilterSpec] | None = None,
+                    exclude_ids: set[str] | None = None) -> Hits:
+        """``search`` as arrays (Hits); stores with an in-memory index override it to skip the Candidates."""
+        return Hits.of(self.search(query, k, filters, exclude_ids), len(query))
 
     @abstractmethod
     def popularity(self) -> list[tuple[str, int]]:

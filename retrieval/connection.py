@@ -32,13 +32,18 @@ logger = logging.getLogger(__name__)
 #: byte: 8192 rows of packed modality vectors (7.9 KB each with the default encoders) held ~60 MiB more,
 #: and a soak rewriting 128 items grew the Retrieval replica from 388 to 560 MiB before its flush.
 FLUSH_EVERY_BYTES_LITE = 2 << 20
+#: Lite: what one write call holds in the memtable until a flush besides its rows (its own Arrow record batch:
+#: ~5 KB of C++ objects and ~0.8 KB of Arrow buffers for a one-event interactions insert, measured). Counted
+#: toward FLUSH_EVERY_BYTES_LITE, so that it bounds small writes too: a soak's one-event inserts held ~6 KB each
+#: against 1 KB counted, and its Retrieval replica grew by them for the ~2,000 calls until a flush.
+LITE_BYTES_PER_WRITE_CALL = 6 << 10
 
 
 def _release_arrow_memory() -> None:
-    """Hand memory that Arrow's allocator (mimalloc) keeps after frees back to the system: a flush and the
-    compaction after it free the memtable's and merged segments' buffers, and the pool otherwise holds
-    on to tens of MiB of them (measured in a Retrieval replica: its mimalloc arena went 38 -> 66 -> 44 MiB
-    between flushes, every other mapping flat)."""
+    """Hand memory that Arrow's allocator (jemalloc in the shipped configs, else mimalloc) keeps after frees
+    back to the system: a flush and the compaction after it free the memtable's and merged segments' buffers,
+    and the pool otherwise holds on to tens of MiB of them (measured in a Retrieval replica: its mimalloc
+    arena went 38 -> 66 -> 44 MiB between flushes, every other mapping flat)."""
     try:
         import pyarrow
     except ImportError:  # pragma: no cover - Lite always brings pyarrow
@@ -252,12 +257,20 @@ class MilvusConnection:
         # Lite's upsert is a partial update (merges onto the old row, so attributes that
         # were removed would survive); its insert replaces a same-pk row whole. A server's
         # upsert replaces whole rows, while its insert would duplicate the pk.
-        write = self.client.insert if self.is_lite else self.client.upsert
+        self._chunked(self.client.insert if self.is_lite else self.client.upsert, collection, rows, row_bytes)
+
+    def append(self, collection: str, rows: list[dict], row_bytes: int) -> list[int]:
+        """Insert rows of an auto-id collection (in calls of at most ``MAX_WRITE_BYTES``); their new ids."""
+        return [int(pk) for res in self._chunked(self.client.insert, collection, rows, row_bytes) for pk in res["ids"]]
+
+    def _chunked(self, write, collection: str, rows: list[dict], row_bytes: int) -> list[Any]:
+        """``write`` of ``rows`` in calls of at most ``MAX_WRITE_BYTES``, their bytes counted toward the flush."""
         per = max(1, min(QUERY_CHUNK * 4, MAX_WRITE_BYTES // max(1, row_bytes)))
-        for i in range(0, len(rows), per):
-            write(collection, rows[i : i + per])
+        results = [write(collection, rows[i : i + per]) for i in range(0, len(rows), per)]
+        held = len(rows) * row_bytes + (len(results) * LITE_BYTES_PER_WRITE_CALL if self.is_lite else 0)
         with self._lock:
-            self._pending_bytes[collection] = self._pending_bytes.get(collection, 0) + len(rows) * row_bytes
+            self._pending_bytes[collection] = self._pending_bytes.get(collection, 0) + held
+        return results
 
     def after_write(self, collection: str, rows: int) -> None:
         """Count ``rows`` written to ``collection``; flush it once ``flush_every`` rows or ``flush_every_bytes``

@@ -105,9 +105,8 @@ class RetrievalEngine:
                 raise ValueError(f"{len(contents)} contents for {len(items)} items")
             items = [replace(it, content={**(it.content or {}), **self.content.put_many(c)}) if c else it
                      for it, c in zip(items, contents)]
-        for modality, vectors in (shadow or {}).items():  # a swap that committed meanwhile takes none:
-            with self._lock:                                # the write below refuses the old version then
-                self.store.put_shadow(modality, vectors)
+        for modality, vectors in (shadow or {}).items():  # a swap that committed meanwhile takes none: the write
+            self.store.put_shadow(modality, vectors)       # below refuses the old version then (store write lock)
         with self._lock:
             self.store.upsert(items)
         return len(items)
@@ -229,27 +228,25 @@ class RetrievalEngine:
             exclude = set(q.exclude_item_ids) | (set() if q.include_seen else set(history_ids))
             ranking = self.ranking  # one stage for the whole request
             n = q.k if ranking is None else max(q.k, ranking.candidates_n)
-            candidates = self.store.search(user, n, q.filters, exclude)  # filters and exclusions hold here
-            known = self._ranking_inputs(ranking, candidates, history_ids) if ranking and candidates else {}
-        if not candidates:
+            hits = self.store.search_hits(user, n, q.filters, exclude)  # filters and exclusions hold here
+            known = self._ranking_inputs(ranking, hits.item_ids, history_ids) if ranking and len(hits) else {}
+        if not len(hits):
             return Ranked([], [], {}, bool(len(history)))
-        fused = np.stack([c.fused for c in candidates])
+        fused, order = hits.fused, None
         scores = fused @ user
         if ranking is not None:
             lst = CandidateList(user=user, history=history, fused=fused, scores=scores,
                                 query_user=query_vector(model, query) if ranking.wants_query else None,
-                                attributes=[c.attributes for c in candidates], **known)
+                                attributes=hits.attributes, **known)
             order, scores = ranking.rerank(model, lst, q.k)
-            candidates, fused = [candidates[i] for i in order], fused[order]
+            fused = fused[order]
         # contributions: each returned item's retrieval score split per modality (the ranker's score is not)
-        return Ranked(candidates, scores.tolist(), model.contributions(user, fused), bool(len(history)))
+        return Ranked(hits.candidates(order), scores.tolist(), model.contributions(user, fused), bool(len(history)))
 
-    def _ranking_inputs(self, ranking: RankingStage, candidates: list[Candidate], history_ids: list[str]
-                        ) -> dict[str, Any]:
+    def _ranking_inputs(self, ranking: RankingStage, item_ids: list[str], history_ids: list[str]) -> dict[str, Any]:
         """What the ranker needs from the store (under the engine lock): popularity, and the history's
         attributes when it matches attributes."""
-        out: dict[str, Any] = {"popularity": ranking.popularity([c.item_id for c in candidates],
-                                                                 self.store.popularity())}
+        out: dict[str, Any] = {"popularity": ranking.popularity(item_ids, self.store.popularity())}
         if ranking.wants_attributes and history_ids:  # attributes only, as popular() reads them
             zero = np.zeros(self.schema.fused_dim, np.float32)
             found = self.store.search(zero, len(set(history_ids)), None, None, only_ids=set(history_ids))
@@ -294,45 +291,39 @@ class RetrievalEngine:
     def begin_swap(self, modality: str, version: str, dim: int) -> dict[str, Any]:
         """Start (or resume: same version and dim) collecting ``modality`` vectors of an incoming
         encoder beside the served ones; returns ``swap_status``."""
-        with self._lock:
-            resumed = self.store.shadow(modality).begin(version, dim)
+        # Not under the engine lock: Recommend never reads a shadow, and creating and loading the collection
+        # (about 1 s on Lite) runs under the store's write lock, which every shadow write and the commit take.
+        resumed = self.store.begin_shadow(modality, version, dim)
         return self.swap_status(modality) | {"resumed": resumed}
 
     def swaps(self) -> dict[str, str]:
-        """Encoder swaps in progress: modality -> the incoming encoder's version."""
-        with self._lock:
-            states = {m: self.store.shadow(m).state() for m in self.schema.modality_dims}
+        """Encoder swaps in progress: modality -> the incoming encoder's version (each Gateway asks every
+        2 s; read without the engine lock: a shadow's state is one property, written atomically)."""
+        states = {m: self.store.shadow(m).state() for m in self.schema.modality_dims}
         return {m: s["version"] for m, s in states.items() if s and not s["committed"]}
 
     def swap_status(self, modality: str) -> dict[str, Any]:
         """The swap in progress: incoming version, items holding ``modality``, those with a shadow
         vector, and those that cannot be re-encoded (no content kept)."""
-        with self._lock:
-            shadow = self.store.shadow(modality)
-            state = shadow.state()
-            have = shadow.ids() if state else set()
-        # The scan of every item runs without the engine lock, as a re-index reads: Recommend must not wait
-        # for it (10,000 items: 8 s; `fusionrec bench swap`).
-        holding = [(it.item_id, bool((it.content or {}).get(modality)))
-                   for batch in self.store.iter_items() for it in batch if modality in it.modality_vectors]
+        state, have = self.store.shadow_ids(modality)
+        # Ids and digests only, without the engine lock: Recommend must not wait for the scans (retrieval/swap.py).
+        holding = self.store.swap_holding(modality)
         return {"modality": modality, "version": state and state["version"], "items": len(holding),
-                "done": sum(i in have for i, _ in holding),
-                "without_content": sorted(i for i, kept in holding if not kept and i not in have)}
+                "done": sum(i in have for i in holding),
+                "without_content": sorted(i for i, digest in holding.items() if not digest and i not in have)}
 
     def swap_todo(self, modality: str) -> dict[str, str]:
         """Items holding ``modality`` with content kept and no shadow vector yet: id -> content digest
         (``read_digests`` then reads the content without touching the store)."""
-        with self._lock:
-            have = self.store.shadow(modality).ids()
-        return {it.item_id: it.content[modality] for batch in self.store.iter_items() for it in batch  # unlocked,
-                if modality in it.modality_vectors and it.item_id not in have and (it.content or {}).get(modality)}
+        have = self.store.shadow_ids(modality)[1]
+        return {i: digest for i, digest in self.store.swap_holding(modality).items() if digest and i not in have}
 
     def put_shadow(self, modality: str, vectors: dict[str, np.ndarray]) -> int:
         """Store incoming-encoder vectors of ``modality`` by item id ((dim,) each); raises
-        FailedPrecondition when no swap of ``modality`` is filling (none, or it committed)."""
-        with self._lock:
-            if not self.store.put_shadow(modality, vectors):
-                raise FailedPrecondition(f"no {modality} encoder swap is filling shadow vectors")
+        FailedPrecondition when no swap of ``modality`` is filling (none, or it committed). Under the store's
+        write lock only (MilvusStore.put_shadow): Recommend does not wait for the write."""
+        if not self.store.put_shadow(modality, vectors):
+            raise FailedPrecondition(f"no {modality} encoder swap is filling shadow vectors")
         return len(vectors)
 
     def commit_swap(self, modality: str, model: FusionModel, batch_size: int = 1000) -> int:

@@ -40,7 +40,6 @@ from fusionrec.retrieval.layout import (
     MILVUS_MAX_TOPK,
     PROP_FORMAT,
     PROP_ROLE,
-    QUERY_CHUNK,
     STORE_FORMAT,
     interactions_schema,
     keyed_interactions_schema,
@@ -128,10 +127,7 @@ class InteractionLog:
             return 0
         plain, keyed = self._rows(events)
         keyed = self._unseen(keyed)
-        entries: list[tuple[dict, int]] = []
-        for i in range(0, len(plain), QUERY_CHUNK * 4):
-            res = self.conn.client.insert(self.collection, plain[i : i + QUERY_CHUNK * 4])
-            entries.extend(zip(plain[i : i + QUERY_CHUNK * 4], (int(p) for p in res["ids"])))
+        entries: list[tuple[dict, int]] = list(zip(plain, self.conn.append(self.collection, plain, _ROW_BYTES)))
         if keyed:
             self.conn.write(self.keyed, keyed, _ROW_BYTES)
             entries.extend((r, r[F_SEQ]) for r in keyed)

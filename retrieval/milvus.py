@@ -41,6 +41,7 @@ from fusionrec.core.rules import as_vector, check_id, storable_id
 from fusionrec.retrieval.base import (
     Candidate,
     FilterSpec,
+    Hits,
     InteractionEvent,
     ItemStore,
     StoredItem,
@@ -319,6 +320,13 @@ class MilvusStore(EncoderSwaps, ItemStore):
         ids = list(dict.fromkeys(i for i in item_ids if isinstance(i, str) and storable_id(i)))
         return set(self._conn.fetch(self._items, ids, [F_ID])) if ids else set()
 
+    def search_hits(self, query: np.ndarray, k: int, filters: list[FilterSpec] | None = None,
+                    exclude_ids: set[str] | None = None) -> Hits:
+        if self._mirror is None or not 0 < int(k) <= MILVUS_MAX_TOPK:  # Milvus, or search()'s answer to k
+            return super().search_hits(query, k, filters, exclude_ids)
+        return search_mirror(self._mirror, as_vector(query, self.schema.fused_dim, "query"), int(k), filters,
+                             set(exclude_ids or ()))
+
     def search(
         self,
         query: np.ndarray,
@@ -336,7 +344,7 @@ class MilvusStore(EncoderSwaps, ItemStore):
         excluded = set(exclude_ids or ())
         mirror = self._mirror
         if mirror is not None:
-            return search_mirror(mirror, q, k, filters, excluded, only_ids)
+            return search_mirror(mirror, q, k, filters, excluded, only_ids).candidates()
         if self._server is None:
             return search_milvus(self._conn, self._items, q, k, filters, excluded, only_ids)
         try:

@@ -14,7 +14,7 @@ import numpy as np
 
 from fusionrec.retrieval.ann import VectorIndex
 from fusionrec.retrieval.attributes import AttributeTable
-from fusionrec.retrieval.base import AttributeValue, Candidate, FilterSpec
+from fusionrec.retrieval.base import AttributeValue, Candidate, FilterSpec, Hits
 
 DEFAULT_COMPACT_DEAD_FRACTION = 0.3  # rebuild the index once this share of slots is dead
 COMPACT_MIN_DEAD = 1_000
@@ -170,6 +170,11 @@ class ItemMirror:
         only_ids: set[str] | None = None,
     ) -> list[Candidate]:
         """Top-k by inner product, same contract as ItemStore.search (inputs already checked)."""
+        return self.search_hits(query, k, filters, exclude_ids, only_ids).candidates()
+
+    def search_hits(self, query: np.ndarray, k: int, filters: list[FilterSpec] | None = None,
+                    exclude_ids: set[str] | None = None, only_ids: set[str] | None = None) -> Hits:
+        """``search`` as arrays: ids, scores (k,), fused vectors (k, dim), attributes."""
         self._lock.acquire_read()
         try:
             n = self._index.n_slots
@@ -184,10 +189,8 @@ class ItemMirror:
                     mask = np.ones(n, dtype=bool)
                 mask[excluded] = False
             slots, scores = self._index.search(query, k, mask)
-            vectors = self._index.vectors(slots)
-            return [
-                Candidate(item_id=self._id_of[s], score=float(sc), fused=v, attributes=self._attrs.row(s))
-                for s, sc, v in zip(slots.tolist(), scores.tolist(), vectors)
-            ]
+            picked = slots.tolist()
+            return Hits([self._id_of[s] for s in picked], scores, self._index.vectors(slots),
+                        [self._attrs.row(s) for s in picked])
         finally:
             self._lock.release_read()

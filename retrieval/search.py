@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from fusionrec.core.rules import storable_id
-from fusionrec.retrieval.base import AttributeValue, Candidate, FilterSpec, StoreSwitched
+from fusionrec.retrieval.base import AttributeValue, Candidate, FilterSpec, Hits, StoreSwitched
 from fusionrec.retrieval.connection import MilvusConnection
 from fusionrec.retrieval.expressions import build_filter, filter_clause, id_list
 from fusionrec.retrieval.layout import F_FUSED, F_ID, F_MODEL_VERSION, search_params, vec_out
@@ -54,12 +54,12 @@ def load_mirror(conn: MilvusConnection, collection: str, fused_dim: int, index_p
 def search_mirror(
     mirror: ItemMirror, q: np.ndarray, k: int, filters: list[FilterSpec] | None, excluded: set[str],
     only_ids: set[str] | None = None,
-) -> list[Candidate]:
+) -> Hits:
     for spec in filters or []:  # same validation (and errors) as the Milvus path
         if filter_clause(spec) is None:
-            return []
+            return Hits.of([], mirror.dim)
     excluded = {i for i in excluded if storable_id(i)}
-    return mirror.search(q, k, filters, excluded, only_ids)
+    return mirror.search_hits(q, k, filters, excluded, only_ids)
 
 
 def search_milvus(

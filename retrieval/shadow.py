@@ -78,9 +78,9 @@ class ShadowVectors:
         self.conn.client.alter_collection_properties(
             self.name, {PROP_SHADOW: self._props(state["version"], state["dim"], True)})
 
-    def put(self, vectors: dict[str, np.ndarray]) -> None:
-        """Insert-or-replace shadow vectors by item id ((dim,) each)."""
-        dim = int(self._require()["dim"])
+    def put(self, vectors: dict[str, np.ndarray], state: dict[str, Any] | None = None) -> None:
+        """Insert-or-replace shadow vectors by item id ((dim,) each); ``state``: as the caller just read it."""
+        dim = int((state or self._require())["dim"])
         rows = [{F_ID: check_id(i), F_VEC: as_vector(v, dim, f"item {i!r} shadow {self.modality} vector")}
                 for i, v in vectors.items()]
         if rows:

@@ -21,7 +21,7 @@ import numpy as np
 
 from fusionrec.core.errors import FailedPrecondition, InvalidArgument
 from fusionrec.retrieval.base import StoredItem, StoreSchema
-from fusionrec.retrieval.layout import MILVUS_MAX_TOPK
+from fusionrec.retrieval.layout import F_CONTENT, F_ID, F_MODALITIES, MILVUS_MAX_TOPK
 from fusionrec.retrieval.modality_vectors import PackedVectors, SplitVectors
 from fusionrec.retrieval.reindex import ReindexFn
 from fusionrec.retrieval.rows import ItemRows
@@ -85,9 +85,21 @@ def check_swap_schema(current: StoreSchema, new_schema: StoreSchema, modality: s
                               f"{new_schema.encoder_versions.get(modality)!r}")
 
 
-def missing_shadow(batches: Iterable[list[StoredItem]], modality: str, have: set[str]) -> list[str]:
-    """Ids of items holding ``modality`` without a shadow vector."""
-    return [it.item_id for batch in batches for it in batch if modality in it.modality_vectors and it.item_id not in have]
+def holding(vectors: PackedVectors | SplitVectors, content_field: bool, modality: str,
+            batch_size: int = 1000) -> dict[str, str]:
+    """Every item holding a ``modality`` vector: id -> its kept content's digest ("" when none). Reads ids,
+    modalities and digests only, never a vector: a full scan of 10,000 items parsed every vector and
+    stalled Recommend on the same replica (the GIL) for seconds (`fusionrec bench swap`)."""
+    content = [F_CONTENT] if content_field else []
+    out: dict[str, str] = {}
+    if isinstance(vectors, SplitVectors):  # a row only where the item has the modality
+        for batch in vectors.conn.iterate(vectors.by_modality[modality], batch_size, [F_ID, *content]):
+            out.update((r[F_ID], r.get(F_CONTENT) or "") for r in batch)
+        return out
+    for batch in vectors.conn.iterate(vectors.name, batch_size, [F_ID, F_MODALITIES, *content]):
+        out.update((r[F_ID], (r.get(F_CONTENT) or {}).get(modality, "")) for r in batch
+                   if modality in (r.get(F_MODALITIES) or ()))
+    return out
 
 
 def swapped(batches: Iterable[list[StoredItem]], modality: str, shadow: ShadowVectors, version: str
@@ -104,9 +116,11 @@ def swapped(batches: Iterable[list[StoredItem]], modality: str, shadow: ShadowVe
         yield out
 
 
-def require_complete(batches: Iterable[list[StoredItem]], shadow: ShadowVectors) -> None:
-    """FailedPrecondition naming the items the re-encoding has not reached yet."""
-    missing = missing_shadow(batches, shadow.modality, shadow.ids())
+def require_complete(held: Iterable[str], shadow: ShadowVectors) -> None:
+    """FailedPrecondition naming the items (of ``held``: those holding the modality) the re-encoding has
+    not reached yet."""
+    have = shadow.ids()
+    missing = sorted(i for i in held if i not in have)
     if missing:
         raise FailedPrecondition(
             f"{len(missing)} items hold {shadow.modality} vectors but no shadow vector yet (e.g. {missing[:5]}): "
@@ -134,6 +148,25 @@ class EncoderSwaps:
             raise InvalidArgument(f"no {modality!r} modality in this store ({sorted(self.schema.modality_dims)})")
         return ShadowVectors(self._conn, self.items_collection, modality)
 
+    def begin_shadow(self, modality: str, version: str, dim: int) -> bool:
+        """Start (or resume) ``modality``'s shadow (ShadowVectors.begin) under the write lock, which shadow
+        writes and the commit take too; readers (Recommend) do not wait. True when resuming."""
+        shadow = self.shadow(modality)
+        with self._write_lock:
+            return shadow.begin(version, dim)
+
+    def shadow_ids(self, modality: str) -> tuple[dict[str, Any] | None, set[str]]:
+        """(state, ids holding a shadow vector) of ``modality``'s swap, (None, empty) when none runs. Under
+        the write lock: a snapshot no shadow write or commit lands in the middle of."""
+        shadow = self.shadow(modality)
+        with self._write_lock:
+            state = shadow.state()
+            return state, (shadow.ids() if state else set())
+
+    def swap_holding(self, modality: str) -> dict[str, str]:
+        """Items holding ``modality``: id -> kept content digest, "" when none (``holding``)."""
+        return holding(self._vectors, self._rows.content_field, modality)
+
     def put_shadow(self, modality: str, vectors: dict[str, np.ndarray]) -> bool:
         """Write shadow vectors while ``modality``'s swap is filling; False (nothing written) once it has
         committed or when none runs. Under the write lock, so a write never lands in a dropped shadow
@@ -146,7 +179,7 @@ class EncoderSwaps:
             if state is None or state["committed"]:
                 return False
             try:
-                shadow.put(vectors)
+                shadow.put(vectors, state)
             except Exception:
                 if self._server is None or shadow.state() is not None:
                     raise
@@ -168,9 +201,11 @@ class EncoderSwaps:
             if state is None:
                 raise FailedPrecondition(f"no {modality} encoder swap in progress")
             check_swap_schema(self.schema, new_schema, modality, state["version"], state["dim"])
-            require_complete(self.iter_items(batch_size), shadow)
 
             def switch() -> int:  # the caller's locks cover this thread's work (it waits for it)
+                items = self._server.target if self._server is not None else self._items
+                live = {r[F_ID] for batch in self._conn.iterate(items, batch_size, [F_ID]) for r in batch}
+                require_complete(live.intersection(self.swap_holding(modality)), shadow)  # not a crash's orphan
                 n = self._rebuild(new_schema, swapped(self.iter_items(batch_size), modality, shadow, state["version"]),
                                   fn)
                 shadow.mark_committed()

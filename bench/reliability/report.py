@@ -104,11 +104,18 @@ def _overload_md(o: dict | None) -> list[str]:
 def _soak_md(s: dict | None) -> list[str]:
     if not s:
         return []
-    growth = ", ".join(f"{k} {v:+.1%}" for k, v in sorted(s["rss_growth"].items()))
-    return ["", "## Soak", "",
-            f"{s['duration_s']:.0f} s of mixed traffic after a {s['warmup_s']:.0f} s warm-up: calls ok "
-            f"`{s['calls_ok']}`, failed {s['errors']} `{s['errors_by_call']}`.", "",
-            f"RSS growth per replica (end of warm-up to end): {growth}."]
+    out = ["", "## Soak", "",
+           f"{s['duration_s']:.0f} s of mixed traffic after a {s['warmup_s']:.0f} s warm-up: calls ok "
+           f"`{s['calls_ok']}`, failed {s['errors']} `{s['errors_by_call']}`.", "",
+           f"RSS growth per replica (end of warm-up to end): {_growth_text(s['rss_growth'])}."]
+    if s.get("rss_growth_median"):
+        out.append(f"Between the medians of the first and the last minute of samples (a sample at a flush's peak "
+                   f"or trough does not move it): {_growth_text(s['rss_growth_median'])}.")
+    return out
+
+
+def _growth_text(growth: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:+.1%}" for k, v in sorted(growth.items()))
 
 
 def plot(report: dict, path: Path) -> bool:

@@ -1,6 +1,6 @@
-"""The ranking stage in the served path: with a trained ranker configured (store.ranking), Recommend over
-real gRPC follows the ranker; without one it is the search's order. The app is redeployed with the ranker
-and back, so the other integration tests see the default app."""
+"""The ranking stage in the served path: with a trained ranker configured (the Retrieval user_config's
+ranking), Recommend over real gRPC follows the ranker; without one it is the search's order. The ranker is
+applied to the running replicas and taken away again, with no replica restarted."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from fusionrec.core.paths import default_config
+from fusionrec.gateway.runtime import replica_ids
 from fusionrec.v1 import recommender_pb2 as pb
 from ranking_support import train_popularity_ranker
 
@@ -27,8 +28,8 @@ def _shares(client) -> dict[str, float]:
 
 
 def _redeploy_and_wait(client, overrides: dict) -> None:
-    """Apply ``overrides`` (Serve updates the deployments whose arguments changed) and wait
-    until the front door answers SERVING again."""
+    """Apply ``overrides`` (Serve updates the deployments whose settings changed) and wait
+    until the front door answers SERVING."""
     from fusionrec.gateway.runtime import redeploy
 
     redeploy(default_config(), overrides=overrides)
@@ -58,14 +59,18 @@ def test_recommend_follows_a_configured_ranker(service, client, loaded, tmp_path
 
     path = tmp_path / "popularity-ranker.json"
     train_popularity_ranker(path)
-    store = {**service.overrides["store"], "ranking": {"ranker_path": str(path), "candidates_n": 200}}
-    _redeploy_and_wait(client, {**service.overrides, "store": store})
+    before = replica_ids(service.app_name)
+    _redeploy_and_wait(client, {**service.overrides, "ranking": {"ranker_path": str(path), "candidates_n": 200}})
     try:
+        during = replica_ids(service.app_name)
         ranked = _recommend(client, user, 8)
         calm = pb.Filter(attribute="mood", equals=pb.AttributeValue(string_value="calm"))
         filtered = _recommend(client, user, 4, calm)
     finally:
         _redeploy_and_wait(client, service.overrides)
+    after = replica_ids(service.app_name)
+    for name in ("Retrieval", "Fusion", "Gateway"):  # applied in place: none restarted (encoders may autoscale)
+        assert during[name] == before[name] == after[name], name
 
     got = [it.item_id for it in ranked]
     assert len(got) == 8 and not set(got) & seen

@@ -33,6 +33,7 @@ def test_shipped_config_parses_and_builds():
     ({"encoders": {"smell": {"name": "x"}}}, "unknown modalities"),
     ({"precomputed_modalities": {"text": 3}}, "clash"),
     ({"deployments": {"retrieval": {"max_replicas": 2}}}, "Extra inputs are not permitted"),  # Serve's list now
+    ({"store": {"ranking": {"ranker_path": "r.json"}}}, "moved to the Retrieval deployment's user_config"),
 ])
 def test_bad_config_is_rejected(bad, fragment):
     with pytest.raises(ValidationError, match=fragment):
@@ -47,6 +48,8 @@ def test_bad_config_is_rejected(bad, fragment):
     ({"name": "TextEncoder", "autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
     ({"name": "TextEncoder", "user_config": {"max_batch": 3}}, "Extra inputs are not permitted"),
     ({"name": "Fusion", "user_config": {"name": "weighted-v0", "option": {}}}, "Extra inputs are not permitted"),
+    ({"name": "Retrieval", "user_config": {"ranking": {"ranker": "r.json"}}}, "Extra inputs are not permitted"),
+    ({"name": "Retrieval", "user_config": {"ranking": {"candidates_n": 0}}}, "greater than or equal to 1"),
 ])
 def test_bad_deployment_override_is_rejected(override, fragment):
     with pytest.raises(ValueError, match=fragment):
@@ -86,3 +89,16 @@ def test_render_config_changes_one_deployment_and_keeps_the_rest():
 def test_unknown_encoder_fails_loudly():
     with pytest.raises(ValueError, match="known encoders"):
         encoder_class("clip-vit")
+
+
+def test_ranking_override_is_the_retrieval_user_config_only():
+    """The ranking stage changes in the Retrieval deployment's user_config, never in the app's args (Serve
+    hashes args into every deployment's version: a change there would restart them all)."""
+    plain = render_config(default_config(), {})
+    ranked = render_config(default_config(), {"ranking": {"ranker_path": "/models/ranker.json", "candidates_n": 100}})
+    assert ranked["applications"][0]["args"] == plain["applications"][0]["args"]
+    deployments = ranked["applications"][0]["deployments"]
+    assert deployment_options("Retrieval", deployments)["user_config"] == {
+        "ranking": {"ranker_path": "/models/ranker.json", "candidates_n": 100}}
+    assert deployment_options("Retrieval", plain["applications"][0]["deployments"])["user_config"] == {
+        "ranking": {"ranker_path": "", "candidates_n": 200, "mmr_lambda": None}}  # the code default: off

@@ -10,8 +10,10 @@ import copy
 import fnmatch
 import io
 import json
+import os
 import socket
 import subprocess
+import sys
 import sysconfig
 from concurrent import futures
 from importlib.metadata import version
@@ -89,6 +91,17 @@ def test_serve_yamls_parse_with_rays_schema_and_carry_the_runtime_env(rel):
     env_vars = schema.applications[0].runtime_env["env_vars"]
     assert env_vars["HF_HUB_OFFLINE"] == "1" and env_vars["TOKENIZERS_PARALLELISM"] == "false"
     assert not any(k.startswith("RAY_") for k in env_vars), "Ray's own switches are cluster-wide, not per app"
+    assert env_vars["MALLOC_ARENA_MAX"] == "2" and env_vars["ARROW_DEFAULT_MEMORY_POOL"] == "jemalloc"
+
+
+def test_the_replicas_arrow_pool_exists_in_this_build():
+    """Arrow falls back to its default pool, with only a warning, for a backend its build lacks: the
+    soak's Retrieval RSS growth would come back unnoticed (deploy/local.yaml says why the pool is set)."""
+    env_vars = yaml.safe_load((ROOT / "deploy/local.yaml").read_text())["applications"][0]["runtime_env"]["env_vars"]
+    code = "import pyarrow as pa; print(pa.default_memory_pool().backend_name)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env_vars}, capture_output=True,
+                         text=True, check=True, timeout=120)
+    assert out.stdout.strip() == env_vars["ARROW_DEFAULT_MEMORY_POOL"], out.stderr
 
 
 @pytest.mark.parametrize("rel", [*MANIFESTS, *SERVE_YAMLS[2:]])

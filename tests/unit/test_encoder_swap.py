@@ -117,3 +117,38 @@ def test_a_swap_that_committed_before_a_crash_finishes_at_open(tmp_path, model):
     np.testing.assert_allclose(got["i1"].modality_vectors["image"], new["i1"], rtol=1e-6)
     assert reopened.shadow("image").state() is None
     reopened.close()
+
+
+def _completes_while(held, call) -> None:
+    """``call()`` finishes in a thread of its own while this thread holds lock ``held`` (a bookkeeping
+    call waiting on that lock would never finish: the join gives up, and the test fails)."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as err:  # re-raised below, in the test's thread
+            errors.append(err)
+
+    with held:
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), f"{call} waited for a lock it must not take"
+    if errors:
+        raise errors[0]
+
+
+def test_swap_bookkeeping_and_recommend_do_not_wait_for_each_other(engine, model):
+    """A swap's shadow work (create, scans, writes) stays off the engine lock Recommend takes, and
+    Recommend stays off the store's write lock the shadow work takes (`fusionrec bench swap`: 1 s stalls)."""
+    rng = np.random.default_rng(3)
+    _completes_while(engine._lock, lambda: engine.begin_swap("image", "image-v2", 3))
+    _completes_while(engine._lock, lambda: engine.put_shadow("image", {i: unit(rng, 3) for i in IDS[:4]}))
+    _completes_while(engine._lock, lambda: engine.swaps() == {"image": "image-v2"} or pytest.fail("swaps"))
+    _completes_while(engine._lock, lambda: sorted(engine.swap_todo("image")) == IDS[4:] or pytest.fail("todo"))
+    ask = RecommendQuery("u", [], QueryContent(), 3, [], [])
+    _completes_while(engine.store._write_lock, lambda: len(engine.recommend(ask, {}, model, 10).candidates) == 3
+                     or pytest.fail("recommend"))

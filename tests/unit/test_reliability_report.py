@@ -42,3 +42,23 @@ def test_a_section_that_could_not_run_fails_its_targets_and_says_why(tmp_path):
     report.write(rep, tmp_path)
     assert [v["pass"] for v in rep["verdicts"] if v["key"].startswith("soak.")] == [False, False]
     assert "**Could not run**: `RuntimeError('boom')`" in (tmp_path / "reliability.md").read_text()
+
+
+def test_soak_growth_from_single_samples_and_from_minute_medians(tmp_path):
+    """The target compares the first and the last sample; the medians of the first and last minute are
+    reported beside it, unmoved by a last sample caught at a flush's peak."""
+    from fusionrec.bench.reliability.soak import median_growth, relative_growth
+
+    mib = 2**20
+    samples = [(60 + 15 * i, {"Retrieval#1": (300 + (20 if i == 40 else i % 2)) * mib, "Gateway#2": 200 * mib})
+               for i in range(41)]  # flat within a 1 MiB saw-tooth, a +20 MiB spike as the last sample
+    assert relative_growth(samples[0][1], samples[-1][1])["Retrieval#1"] > 0.06
+    smoothed = median_growth(samples, window_s=60)
+    assert abs(smoothed["Retrieval#1"]) < 0.005 and smoothed["Gateway#2"] == 0.0
+    soak = {"duration_s": 600.0, "warmup_s": 60.0, "calls_ok": {}, "errors": 0, "errors_by_call": {},
+            "rss_growth": relative_growth(samples[0][1], samples[-1][1]), "rss_growth_median": smoothed,
+            "rss_growth_max": 0.067, "rss_mb": []}
+    report.write({"date": "d", "config": "c", "soak": soak}, tmp_path)
+    md = (tmp_path / "reliability.md").read_text()
+    assert "(end of warm-up to end): Gateway#2 +0.0%, Retrieval#1 +6.7%." in md
+    assert "trough does not move it): Gateway#2 +0.0%, Retrieval#1 +0.3%." in md

@@ -52,6 +52,32 @@ def test_backends_agree_on_mixed_value_types(db_path: str):
         mil.close()
 
 
+def test_search_hits_are_the_search_as_arrays(db_path: str):
+    """search_hits (the ranking stage's input, arrays without Candidates) holds what search returns, on
+    both backends, filters and exclusions included."""
+    rng = np.random.default_rng(13)
+    items = [item(f"a{i}", rng, {"genre": GENRES[i % 4]}) for i in range(40)]
+    mem = MilvusStore(db_path, make_schema(), search_backend="memory")
+    mem.upsert(items)
+    mil = MilvusStore(db_path, make_schema(), search_backend="milvus", interactions_collection="i2")
+    try:
+        q = vec(rng, FUSED_DIM)
+        for store in (mem, mil):
+            for filters, exclude in ((None, set()), ([FilterSpec("genre", equals=GENRES[1])], {"a1", "a5"})):
+                want = store.search(q, 12, filters, exclude)
+                hits = store.search_hits(q, 12, filters, exclude)
+                assert hits.item_ids == [c.item_id for c in want] and len(hits) == len(want)
+                assert hits.fused.shape == (len(want), FUSED_DIM) and hits.fused.dtype == np.float32
+                np.testing.assert_allclose(hits.scores, [c.score for c in want], rtol=1e-5)
+                np.testing.assert_allclose(hits.fused, np.stack([c.fused for c in want]), rtol=1e-6)
+                assert hits.attributes == [c.attributes for c in want]
+                assert [c.item_id for c in hits.candidates([2, 0])] == [want[2].item_id, want[0].item_id]
+            assert len(store.search_hits(q, 5, [FilterSpec("genre", equals="no-such-genre")], set())) == 0
+    finally:
+        mem.close()
+        mil.close()
+
+
 def test_memory_backend_tracks_writes(db_path: str):
     rng = np.random.default_rng(12)
     mem = MilvusStore(db_path, make_schema(), search_backend="memory")
