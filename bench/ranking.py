@@ -129,7 +129,7 @@ def _engine_level(n_items: int, n_users: int, requests: int, k: int, candidates_
             "ranker": {"features": len(ranker.feature_names), **RANKER_PARAMS}, **stats, **ratios(stats)}
 
 
-def run(n_items: int = 100_000, n_users: int = 2000, requests: int = 500, k: int = 10, candidates_n: int = 200,
+def run(n_items: int = 100_000, n_users: int = 2000, requests: int = 500, k: int = 10, candidates_n: int = 100,
         seed: int = 0, out: Path | None = None, progress: Callable[[str], None] = print, service: bool = True,
         service_requests: int = 500, service_users: int = 1000, service_pairs: int = 6,
         config: Path | None = None) -> dict[str, Any]:

@@ -158,7 +158,7 @@ def bench_retrieval(sizes: str = "10000,100000,1000000",
 @bench_app.command("ranking")
 def bench_ranking(items: int = typer.Option(100_000, help="Catalog size."),
                   requests: int = typer.Option(500, help="Engine level: Recommend calls measured each way."),
-                  candidates_n: int = typer.Option(200, help="Candidates the ranker re-scores."),
+                  candidates_n: int = typer.Option(100, help="Candidates the ranker re-scores."),
                   service: bool = typer.Option(True, help="Also measure Recommend over gRPC against the real app."),
                   service_requests: int = typer.Option(500, help="Service level: Recommend calls per phase."),
                   service_pairs: int = typer.Option(6, help="Service level: phases of ranking off and on, each "

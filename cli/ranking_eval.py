@@ -9,7 +9,7 @@ import typer
 
 def eval_ranking(dataset: str = typer.Option("lfm2k", help="lfm2k or ml-100k."),
                  seeds: int = typer.Option(3, help="Seeds (retrieval model + ranker each); mean ± std."),
-                 candidates_n: int = typer.Option(200, help="Retrieval candidates the ranker re-scores per user."),
+                 candidates_n: int = typer.Option(100, help="Retrieval candidates the ranker re-scores per user."),
                  mmr_lambda: str = typer.Option("valid", help="Also report ranking + MMR: at this λ (0..1), "
                                                 "with λ chosen on valid per seed (\"valid\"), or not (\"none\")."),
                  members: int = typer.Option(1, help="Nets per retrieval model (the served full model has 4)."),

@@ -137,7 +137,7 @@ def paired_tests(runs: list[dict[str, Any]], variant: str, base: str = "retrieva
     return pooled
 
 
-def evaluate_ranking(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), candidates_n: int = 200,
+def evaluate_ranking(dataset: str, seeds: tuple[int, ...] = (0, 1, 2), candidates_n: int = 100,
                      mmr_lambda: float | str | None = "valid", members: int = 1, workers: int = 2, retrain: bool = False,
                      echo: Callable[[str], None] = print, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole protocol on one data set; returns the report (fusionrec.ranking.report writes it)."""

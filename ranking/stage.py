@@ -25,7 +25,7 @@ class RankingStage:
     counts change.
     """
 
-    def __init__(self, ranker: Ranker, candidates_n: int = 200, mmr_lambda: float | None = None) -> None:
+    def __init__(self, ranker: Ranker, candidates_n: int = 100, mmr_lambda: float | None = None) -> None:
         if candidates_n < 1:
             raise ValueError(f"candidates_n must be at least 1, got {candidates_n}")
         if mmr_lambda is not None and not 0.0 <= mmr_lambda <= 1.0:
@@ -41,7 +41,7 @@ class RankingStage:
         self._pop: dict[str, int] = {}
 
     @classmethod
-    def from_file(cls, path: str | Path, candidates_n: int = 200, mmr_lambda: float | None = None) -> "RankingStage":
+    def from_file(cls, path: str | Path, candidates_n: int = 100, mmr_lambda: float | None = None) -> "RankingStage":
         return cls(load_ranker(path), candidates_n, mmr_lambda)
 
     def popularity(self, item_ids: Sequence[str], ranked: list[tuple[str, int]]) -> np.ndarray:

@@ -95,10 +95,10 @@ def test_ranking_override_is_the_retrieval_user_config_only():
     """The ranking stage changes in the Retrieval deployment's user_config, never in the app's args (Serve
     hashes args into every deployment's version: a change there would restart them all)."""
     plain = render_config(default_config(), {})
-    ranked = render_config(default_config(), {"ranking": {"ranker_path": "/models/ranker.json", "candidates_n": 100}})
+    ranked = render_config(default_config(), {"ranking": {"ranker_path": "/models/ranker.json", "candidates_n": 150}})
     assert ranked["applications"][0]["args"] == plain["applications"][0]["args"]
     deployments = ranked["applications"][0]["deployments"]
     assert deployment_options("Retrieval", deployments)["user_config"] == {
-        "ranking": {"ranker_path": "/models/ranker.json", "candidates_n": 100}}
+        "ranking": {"ranker_path": "/models/ranker.json", "candidates_n": 150}}
     assert deployment_options("Retrieval", plain["applications"][0]["deployments"])["user_config"] == {
-        "ranking": {"ranker_path": "", "candidates_n": 200, "mmr_lambda": None}}  # the code default: off
+        "ranking": {"ranker_path": "", "candidates_n": 100, "mmr_lambda": None}}  # the code default: off
