@@ -320,12 +320,21 @@ class MilvusStore(EncoderSwaps, ItemStore):
         ids = list(dict.fromkeys(i for i in item_ids if isinstance(i, str) and storable_id(i)))
         return set(self._conn.fetch(self._items, ids, [F_ID])) if ids else set()
 
+    def _search_args(self, query: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+        """(query as a (fused_dim,) vector, k); ValueError beyond Milvus' top-k limit."""
+        q, k = as_vector(query, self.schema.fused_dim, "query"), int(k)
+        if k > MILVUS_MAX_TOPK:
+            raise ValueError(f"k={k} exceeds Milvus' top-k limit of {MILVUS_MAX_TOPK}")
+        return q, k
+
     def search_hits(self, query: np.ndarray, k: int, filters: list[FilterSpec] | None = None,
                     exclude_ids: set[str] | None = None) -> Hits:
-        if self._mirror is None or not 0 < int(k) <= MILVUS_MAX_TOPK:  # Milvus, or search()'s answer to k
+        if self._mirror is None:  # Milvus answers rows: search() builds them
             return super().search_hits(query, k, filters, exclude_ids)
-        return search_mirror(self._mirror, as_vector(query, self.schema.fused_dim, "query"), int(k), filters,
-                             set(exclude_ids or ()))
+        q, k = self._search_args(query, k)
+        if k <= 0:
+            return Hits.of([], self.schema.fused_dim)
+        return search_mirror(self._mirror, q, k, filters, set(exclude_ids or ()))
 
     def search(
         self,
@@ -335,12 +344,9 @@ class MilvusStore(EncoderSwaps, ItemStore):
         exclude_ids: set[str] | None = None,
         only_ids: set[str] | None = None,
     ) -> list[Candidate]:
-        q = as_vector(query, self.schema.fused_dim, "query")
-        k = int(k)
+        q, k = self._search_args(query, k)
         if k <= 0:
             return []
-        if k > MILVUS_MAX_TOPK:
-            raise ValueError(f"k={k} exceeds Milvus' top-k limit of {MILVUS_MAX_TOPK}")
         excluded = set(exclude_ids or ())
         mirror = self._mirror
         if mirror is not None:
