@@ -8,13 +8,18 @@ completed in it; over the last `window` completions). A new request is expected 
 throughput; with light parallel load it is about one request's latency. Two bounds:
 
 - the deadline, always: shed when that estimate exceeds `headroom` of the caller's remaining deadline;
-- the latency objective (`latency_factor` > 0), only while the method is overloaded, i.e. requests are
-  offered faster than `1 + overload_margin` times the measured capacity (1 / service time): shed when the
+- the latency objective (`latency_factor` > 0), only while the method is overloaded: shed when the
   estimate exceeds `latency_factor` x the median latency of recent requests that ran alone. This is
-  Little's law as a concurrency limit (objective x throughput). Callers that wait for their answers
-  (closed loop, however many) never offer more than the capacity, so they are not shed by it and the
+  Little's law as a concurrency limit (objective x throughput). Overloaded means both, over the last
+  `rate_window_s`: requests offered (admitted or shed) faster than `1 + overload_margin` times the
+  measured capacity (1 / service time), and faster than `1 + overload_margin` times they completed, by
+  more than `OVERLOAD_STEP` requests (a queue that grows now). Callers that wait for their answers
+  (closed loop, however many) offer no more than completes, so they are not shed by it and the
   deployments behind still see all their queued work (what Serve's autoscaling counts); an open-loop
-  surge beyond capacity is cut down to the concurrency that keeps the objective.
+  surge beyond capacity is cut down to the concurrency that keeps the objective. The second test
+  matters with several Gateway replicas: each measures its own share of the deployments' capacity, so
+  when one replica dies its callers reach a survivor whose capacity estimate still holds its old share
+  (for `window` completions), yet their answers come back as fast as they arrive.
 
 Nothing is shed while nothing is in flight (by the objective: while fewer than `OBJECTIVE_MIN_IN_FLIGHT`),
 nor before `min_samples` completions were measured. Plain
@@ -38,6 +43,10 @@ _MAX_ARRIVALS = 16_384  # arrival times kept for the offered rate (bounds memory
 #: service time is the lone latency itself, so a factor near 2 would otherwise never let a second request
 #: in to show that two overlap (2 callers here: +40 % throughput for +45 % latency, reports/reliability-rerun.json).
 OBJECTIVE_MIN_IN_FLIGHT = 2
+#: Requests offered beyond what completed (and the margin) in the rate window before it counts as overload:
+#: a few callers arriving together (those of a lost Gateway replica, with their retried attempts) are a
+#: step, not a queue that keeps growing; a 2x open-loop surge passes it within a fraction of a second.
+OVERLOAD_STEP = 8
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ class LoadEstimator:
         self._marks: collections.deque[float] = collections.deque(maxlen=window + 1)  # busy time at completions
         self._alone: collections.deque[float] = collections.deque(maxlen=window)  # latencies of lone requests
         self._arrivals: collections.deque[float] = collections.deque(maxlen=_MAX_ARRIVALS)
+        self._completions: collections.deque[float] = collections.deque(maxlen=_MAX_ARRIVALS)
 
     def _busy_now(self, now: float) -> float:
         return self._busy_s + (now - self._busy_since if self.in_flight else 0.0)
@@ -98,16 +108,27 @@ class LoadEstimator:
         """Median latency of recent requests that ran with nothing else in flight."""
         return statistics.median(self._alone) if len(self._alone) >= self.min_samples else None
 
+    def _recent(self, times: collections.deque[float]) -> int:
+        """How many of ``times`` fall in the last `rate_window_s` (older ones are dropped)."""
+        cutoff = self._now() - self.rate_window_s
+        while times and times[0] < cutoff:
+            times.popleft()
+        return len(times)
+
     def offered_qps(self) -> float:
         """Requests offered (admitted or shed) per second over the last `rate_window_s`."""
-        cutoff = self._now() - self.rate_window_s
-        while self._arrivals and self._arrivals[0] < cutoff:
-            self._arrivals.popleft()
-        return len(self._arrivals) / self.rate_window_s
+        return self._recent(self._arrivals) / self.rate_window_s
+
+    def completed_qps(self) -> float:
+        """Requests completed per second over the last `rate_window_s`."""
+        return self._recent(self._completions) / self.rate_window_s
 
     def overloaded(self, service_s: float) -> bool:
-        """Requests arrive faster than they can be served (a queue that only grows)."""
-        return self.offered_qps() * service_s > 1.0 + self.overload_margin
+        """Requests arrive faster than they can be served and than they are answered (a queue that grows)."""
+        limit = 1.0 + self.overload_margin
+        offered = self.offered_qps()
+        growth = (offered - limit * self.completed_qps()) * self.rate_window_s  # requests beyond the margin
+        return offered * service_s > limit and growth > OVERLOAD_STEP
 
     def verdict(self, remaining_s: float) -> Shed | None:
         """Shed (why) or None (admit) for a request with ``remaining_s`` of deadline left; counts it as offered."""
@@ -139,6 +160,7 @@ class LoadEstimator:
         self.in_flight -= 1
         self._busy_s, self._busy_since = busy, now
         self._marks.append(busy)
+        self._completions.append(now)
         if ticket.alone and self.in_flight == 0:  # nothing joined it: an unloaded latency
             self._alone.append(now - ticket.started)
 

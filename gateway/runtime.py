@@ -33,6 +33,9 @@ RUNTIME_ENV_DEFAULTS = {
     # Replica-to-replica calls travel over Serve's own gRPC, 4 MiB by default: content up to the front
     # door's limits (a 9.6 MB WAV, an over-large image to refuse) must reach the encoder that judges it.
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "2147483647",
+    # Ray waits 30 s for a head's GCS to bind its port: on two cores busy with other work it took longer
+    # (twice on 2026-11-30, the GCS had not even opened its log), and the start failed.
+    "RAY_gcs_server_port_wait_time_s": "120",
 }
 #: Ray's own single-machine switch (its default on macOS/Windows): the node IP becomes 127.0.0.1, so
 #: GCS, raylet, agents and every worker's gRPC server listen on loopback only. Set for a Ray this

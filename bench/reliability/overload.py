@@ -26,6 +26,7 @@ Log = Callable[[str], None]
 
 async def _one(stub: pb_grpc.RecommenderStub, request: pb.RecommendRequest, timeout_s: float,
                metadata: tuple) -> tuple[str, float]:
+    """(status code name, latency in ms) of one Recommend."""
     t0 = time.perf_counter()
     try:
         await stub.Recommend(request, timeout=timeout_s, metadata=metadata)
@@ -152,6 +153,13 @@ def run_overload(target: str, token: str, users: list[str], levels: tuple[int, .
     p99 = _pct(admitted, 99)
     # Diagnostic only (the target is on every call): calls sent after the admission's 2 s rate window.
     steady = [ms for i, (code, ms) in enumerate(results) if code == "OK" and i >= 2 * rate]
+    # Per 0.5 s of send time: admitted p99 and shed share (where in the surge the slow calls were).
+    timeline = []
+    for start in np.arange(0.0, overload_s, 0.5):
+        window = results[int(start * rate):int((start + 0.5) * rate)]
+        ok_ms = [ms for code, ms in window if code == "OK"]
+        timeline.append({"t_s": float(start), "calls": len(window), "admitted": len(ok_ms),
+                         "admitted_p99_ms": _pct(ok_ms, 99), "admitted_max_ms": max(ok_ms, default=None)})
     out = {
         "unloaded_p99_ms": unloaded_p99, "unloaded_p50_ms": _pct(unloaded_ms, 50), "unloaded_calls": len(unloaded_ms),
         "saturation_qps": best.qps, "saturation_concurrency": best.concurrency,
@@ -162,7 +170,7 @@ def run_overload(target: str, token: str, users: list[str], levels: tuple[int, .
         "admitted_qps": len(admitted) / overload_s, "admitted_p99_after_2s_ms": _pct(steady, 99),
         "shed_fraction": len(shed) / len(results) if results else 0.0, "shed_median_ms": _pct(shed, 50),
         "failed_other_fraction": (len(results) - len(admitted) - len(shed)) / len(results) if results else 0.0,
-        "ramp": load.as_dicts(ramp),
+        "ramp": load.as_dicts(ramp), "timeline": timeline,
     }
     log(f"  {factor:g}x ({rate:.0f} req/s offered, {sent:.0f} sent): admitted p99 {p99} ms, "
         f"codes {dict(codes)}")

@@ -125,6 +125,38 @@ def test_callers_that_wait_for_their_answers_are_never_shed_by_the_objective():
     assert est.offered_qps() * est.service_time_s() == pytest.approx(1.0, abs=0.05)
 
 
+def test_callers_moving_over_from_a_lost_replica_are_not_taken_for_overload():
+    """Three Gateway replicas share a backend: this one measures a third of its capacity (one answer per
+    90 ms for its 2 callers). The two others die and their 4 callers move here at once, each with one
+    retried attempt: 6 callers, answers every 30 ms.
+    The capacity estimate still says 60 ms for a while (so the rate alone looks like 2x overload), but the
+    answers come back as fast as the calls arrive: nobody is shed."""
+    clock = Clock()
+    est = LoadEstimator(headroom=1.0, latency_factor=2.0, min_samples=4, now=clock)
+    _run_alone(est, clock, 10, 0.03)
+    queue = [est.begin() for _ in range(2)]
+
+    def closed_loop(steps: int, every_s: float) -> float:
+        """The largest offered rate x service time seen."""
+        most = 0.0
+        for _ in range(steps):
+            clock.t += every_s
+            est.end(queue.pop(0))
+            assert est.verdict(10.0) is None, (est.offered_qps(), est.completed_qps(), est.service_time_s())
+            most = max(most, est.offered_qps() * est.service_time_s())
+            queue.append(est.begin())
+        return most
+
+    closed_loop(200, 0.09)
+    assert est.service_time_s() == pytest.approx(0.09)
+    for _ in range(4):  # the other replicas' callers arrive together, after a retried attempt each
+        assert est.verdict(10.0) is None
+        assert est.verdict(10.0) is None
+        queue.append(est.begin())
+    assert closed_loop(400, 0.03) > 1.5  # what the rate alone would have called overload
+    assert est.service_time_s() == pytest.approx(0.03)
+
+
 class _OneAtATime(pb_grpc.RecommenderServicer):
     """A backend with a fixed capacity: one Recommend at a time, `service_s` each; counts what reached it."""
 
