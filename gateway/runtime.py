@@ -33,10 +33,10 @@ RUNTIME_ENV_DEFAULTS = {
     # Replica-to-replica calls travel over Serve's own gRPC, 4 MiB by default: content up to the front
     # door's limits (a 9.6 MB WAV, an over-large image to refuse) must reach the encoder that judges it.
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "2147483647",
-    # Ray waits 30 s for a head's GCS to bind its port: on two cores busy with other work it took longer
-    # (twice on 2026-11-30, the GCS had not even opened its log), and the start failed.
-    "RAY_gcs_server_port_wait_time_s": "120",
 }
+#: For a Ray head this process starts: Ray waits 30 s for its GCS to bind a port, and on two cores busy
+#: with other work that took longer (twice on 2026-11-30; the GCS had not even opened its log).
+LOCAL_HEAD_ENV = {"RAY_gcs_server_port_wait_time_s": "120"}
 #: Ray's own single-machine switch (its default on macOS/Windows): the node IP becomes 127.0.0.1, so
 #: GCS, raylet, agents and every worker's gRPC server listen on loopback only. Set for a Ray this
 #: process starts and for a driver joining one (their node IPs must agree); never for other clusters.
@@ -78,6 +78,8 @@ def start(config_path: str | Path | None = None, ray_address: str | None = None,
         os.environ.setdefault(key, value)
     if ray_address is None:
         _use_loopback()
+        for key, value in LOCAL_HEAD_ENV.items():
+            os.environ.setdefault(key, value)
     serve_file = load_serve_file(config_path)
     if not ray.is_initialized():
         ray.init(address=ray_address, num_cpus=None if ray_address else num_cpus,

@@ -66,4 +66,7 @@ def test_an_encoder_that_never_answers_leaves_retrieval_its_share_of_the_deadlin
     recommender = _recommender(local, LocalHandle(never), ServerConfig(ranking_reserve_ms=1, encode_budget_share=0.7))
     rec = _ask(local, recommender, 1.0)
     assert never.calls == 1
-    assert rec.degraded and rec.modalities_dropped["text"].startswith("deadline: encoder took longer than 700 ms")
+    why = rec.modalities_dropped["text"]
+    assert rec.degraded and why.startswith("deadline: encoder took longer than "), why
+    # 70 % of what was left of the 1 s when the encoder was called (the loop thread starts a moment later)
+    assert 650 <= int(why.split("longer than ")[1].split(" ms")[0]) <= 700, why
