@@ -35,6 +35,7 @@ RAY_WORKER_NICENESS = int(os.environ.get("RAY_worker_niceness", "15"))
 #: load's first requests are not judged by the probe's saturating arrivals.
 SETTLE_S = 5.0
 PHASES = (("re-encode", "swapping "), ("refit + commit", "re-encoded "), ("adopt", "switched: "))
+SLOWEST = 15  # slowest answers of the swap listed with their times
 
 
 def variant(image: bytes, k: int) -> bytes:
@@ -223,7 +224,7 @@ def _swap_under_load(running: Any, users: list[str], rate: float, out: Path, log
     from fusionrec.gateway.routing import swap_app_name
     from fusionrec.gateway.runtime import replica_ids
 
-    t0 = time.monotonic()
+    t0, t0_unix = time.monotonic(), time.time()
     marks: list[tuple[float, str]] = []
 
     def echo(line: str) -> None:
@@ -258,6 +259,11 @@ def _swap_under_load(running: Any, users: list[str], rate: float, out: Path, log
         "other_deployments_restarted": sum(before_ids[n] != after_ids.get(n) for n in others),
         "from": report["from"], "to": report["to"], "settings": report["settings"],
         "phases": _phases(load, marks, t_swap, t_end), "swap_window_s": (round(t_swap, 2), round(t_end, 2)),
+        # where the slow answers fall among the driver's steps (s since the load started, as "timeline")
+        "steps_at_s": {k: round(t_swap + v, 2) for k, v in report.get("steps_s", {}).items()},
+        "slowest_during_swap": [(round(t, 2), round(ms, 1)) for t, ms, _ in
+                                sorted(load.window(t_swap, t_end), key=lambda x: -x[1])[:SLOWEST]],
+        "load_started_unix_s": round(t0_unix, 3),
         "timeline": load.samples,
         "replicas": {f"{name} ({'swap' if i else 'app'})": rows for i, p in enumerate(pollers)
                      for name, rows in p.samples.items()}}

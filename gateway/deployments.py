@@ -28,7 +28,7 @@ from fusionrec.retrieval.content import open_content_store
 from fusionrec.retrieval.engine import RetrievalEngine
 from fusionrec.retrieval.query import Ranked, RecommendQuery
 from fusionrec.retrieval.server_items import ServerOptions
-from fusionrec.retrieval.swap import preemptible
+from fusionrec.retrieval.swap import COMMIT_BATCH_ITEMS, preemptible
 
 log = logging.getLogger("ray.serve")  # lands in the replica log files
 
@@ -388,10 +388,13 @@ class RetrievalDeployment:
         self.progress.shadow_written(modality, n)
         return n
 
-    async def commit_swap(self, modality: str, model_version: str, batch_size: int = 1000) -> dict[str, Any]:
-        """Switch ``modality`` to its shadow vectors, fused with loaded fusion model ``model_version``."""
+    async def commit_swap(self, modality: str, model_version: str, batch_size: int = COMMIT_BATCH_ITEMS,
+                          busy_share: float = 1.0) -> dict[str, Any]:
+        """Switch ``modality`` to its shadow vectors, fused with loaded fusion model ``model_version``
+        (``busy_share``: RetrievalEngine.commit_swap)."""
         model = await self.fusion.model.remote(model_version)
-        n = await self._rebuild("swap_commit", functools.partial(self.engine.commit_swap, modality), model, batch_size)
+        commit = functools.partial(self.engine.commit_swap, modality, busy_share=busy_share)
+        n = await self._rebuild("swap_commit", commit, model, batch_size)
         return {"model_version": model.version, "items": n, "encoder_versions": dict(self.schema.encoder_versions)}
 
     async def training_snapshot(self, swapping: str | None = None) -> dict[str, Any]:

@@ -31,6 +31,8 @@ from fusionrec.gateway.config import EncoderConfig, encoder_deployment_name
 from fusionrec.gateway.pipeline import REFRESH_PERIOD_S
 from fusionrec.gateway.routing import swap_app_name
 from fusionrec.gateway.runtime import render_config
+from fusionrec.retrieval.layout import MILVUS_MAX_TOPK
+from fusionrec.retrieval.swap import COMMIT_BATCH_ITEMS, niced
 
 Echo = Callable[[str], None]
 RETRIES = 20  # per chunk, e.g. while Serve restarts a killed encoder replica
@@ -51,7 +53,16 @@ class SwapSettings(BaseModel):
                                                                "app's setting for that encoder.")
     niceness: int = Field(19, ge=0, le=19, description="Niceness of the incoming encoder's replicas, at least (0: "
                                                        "as Ray starts them, RAY_worker_niceness: 15 by default), so "
-                                                       "Recommend preempts the re-encoding.")
+                                                       "Recommend preempts the re-encoding; the driver's own redeploys "
+                                                       "(`serve run` processes) run at it too.")
+    commit_batch_items: int = Field(COMMIT_BATCH_ITEMS, ge=1, le=MILVUS_MAX_TOPK,
+                                    description="Items per batch of the commit (read, fuse, write), in the Retrieval "
+                                                "replica that serves Recommend: each batch holds its interpreter "
+                                                "for a while.")
+    commit_busy_share: float = Field(0.5, gt=0, le=1, description="Share of the wall time the commit works, pausing "
+                                                                  "between its batches so that Recommend on the same "
+                                                                  "replica gets the interpreter (1: no pauses); "
+                                                                  "upserts wait for the whole commit.")
 
 
 def swap_encoder(modality: str, encoder: EncoderConfig, config: Path, ray_address: str = "auto", *,
@@ -68,35 +79,59 @@ def swap_encoder(modality: str, encoder: EncoderConfig, config: Path, ray_addres
     overrides = live_overrides(config, overrides, app_name)  # every redeploy below keeps what runs now
     rendered = render_config(config, overrides)["applications"][0]
     t0 = time.monotonic()
+    steps: dict[str, float] = {}  # step -> s since t0 when it ended (the report's "steps_s")
+
+    def step(name: str) -> None:
+        steps[name] = round(time.monotonic() - t0, 2)
+
     before = call_handle(retrieval, "info", timeout_s=120)["encoder_versions"][modality]
     incoming = _start_incoming(modality, encoder, rendered, app_name, settings)
     info = call_handle(incoming, "info", timeout_s=600)
+    step("incoming_started")
     status = call_handle(retrieval, "begin_swap", modality, info["version"], info["dim"], timeout_s=600)
     echo(f"swapping {modality}: -> {info['version']} ({status['done']}/{status['items']} items already re-encoded"
          f"{', resumed' if status['resumed'] else ''})")
     time.sleep(2 * REFRESH_PERIOD_S)  # every Gateway now encodes new upserts with both encoders
     reencode = asyncio.run(reencode_all(retrieval, incoming, modality, echo, settings))
-    fusion_cfg = _refit(modality, info["version"], config, ray_address, overrides, app_name, echo, **train_options)
+    step("reencoded")
+    # The driver's own work (a `serve run` process per redeploy, a refit's training) at the swap's niceness:
+    # at the driver's own (0) it took the shared cores from serving (Ray runs replicas at 15).
+    fusion_cfg = niced(lambda: _refit(modality, info["version"], config, ray_address, overrides, app_name, echo,
+                                      **train_options), settings.niceness)
     model_version = call_handle(serve.get_deployment_handle("Fusion", app_name), "info", timeout_s=120)["version"]
-    t_commit = time.monotonic()
-    try:
-        committed = call_handle(retrieval, "commit_swap", modality, model_version, timeout_s=3600)
-    except FailedPrecondition:  # an upsert slipped past the dual encoding: re-encode it, then switch
-        asyncio.run(reencode_all(retrieval, incoming, modality, echo, settings))
-        committed = call_handle(retrieval, "commit_swap", modality, model_version, timeout_s=3600)
-    switch_s = time.monotonic() - t_commit
+    step("refitted")
+    committed, switch_s = _commit(retrieval, incoming, modality, model_version, echo, settings)
+    step("committed")
     echo(f"switched: {committed['items']} items now hold {modality} {info['version']}, model {model_version} "
          f"({switch_s:.1f} s)")
-    _adopt(modality, encoder, info["version"], rendered, fusion_cfg, config, ray_address, overrides, app_name)
+    niced(lambda: _adopt(modality, encoder, info["version"], rendered, fusion_cfg, config, ray_address, overrides,
+                         app_name, lambda: step("adopt_redeployed")), settings.niceness)
+    step("adopted")
     time.sleep(2 * REFRESH_PERIOD_S)  # Gateways route back to the app's own deployment
     serve.delete(swap_app_name(app_name, modality))
+    step("incoming_deleted")
     report = {"modality": modality, "from": before, "to": info["version"], "model_version": model_version,
               **reencode, "switch_s": round(switch_s, 2),
-              "swap_total_s": round(time.monotonic() - t0, 2), "encoder": encoder.model_dump(),
+              "swap_total_s": round(time.monotonic() - t0, 2), "steps_s": steps, "encoder": encoder.model_dump(),
               "settings": settings.model_dump()}
     echo(f"done in {report['swap_total_s']} s. To keep it across restarts, set in your config's deployments list: "
          f"- name: {encoder_deployment_name(modality)}\n    user_config: {{encoder: {encoder.model_dump()}}}")
     return report
+
+
+def _commit(retrieval: Any, incoming: Any, modality: str, model_version: str, echo: Echo,
+            settings: SwapSettings) -> tuple[dict[str, Any], float]:
+    """The store's switch (RetrievalDeployment.commit_swap, paced by ``settings``): (its answer, seconds)."""
+    from fusionrec.gateway.runtime import call_handle
+
+    t0 = time.monotonic()
+    args = (modality, model_version, settings.commit_batch_items, settings.commit_busy_share)
+    try:
+        committed = call_handle(retrieval, "commit_swap", *args, timeout_s=3600)
+    except FailedPrecondition:  # an upsert slipped past the dual encoding: re-encode it, then switch
+        asyncio.run(reencode_all(retrieval, incoming, modality, echo, settings))
+        committed = call_handle(retrieval, "commit_swap", *args, timeout_s=3600)
+    return committed, time.monotonic() - t0
 
 
 def live_overrides(config: Path, overrides: dict[str, Any] | None, app_name: str) -> dict[str, Any]:
@@ -218,8 +253,10 @@ def _refit(modality: str, version: str, config: Path, ray_address: str, override
 
 
 def _adopt(modality: str, encoder: EncoderConfig, version: str, rendered: dict[str, Any], fusion_cfg: dict[str, Any],
-           config: Path, ray_address: str, overrides: dict[str, Any] | None, app_name: str) -> None:
-    """The app's own encoder deployment runs the new encoder (in place), and waits until it does."""
+           config: Path, ray_address: str, overrides: dict[str, Any] | None, app_name: str,
+           redeployed: Callable[[], None] = lambda: None) -> None:
+    """The app's own encoder deployment runs the new encoder (in place), and waits until it does
+    (``redeployed`` is called once Serve has the new config)."""
     from ray import serve
 
     from fusionrec.gateway.runtime import call_handle, redeploy
@@ -229,6 +266,7 @@ def _adopt(modality: str, encoder: EncoderConfig, version: str, rendered: dict[s
     user_config = {**(entry.get("user_config") or {}), "encoder": encoder.model_dump()}
     changes = {**(overrides or {}).get("deployments", {}), name: {"user_config": user_config}}
     redeploy(config, ray_address, overrides={**(overrides or {}), "fusion": fusion_cfg, "deployments": changes})
+    redeployed()
     own = serve.get_deployment_handle(name, app_name)
     deadline = time.monotonic() + 600
     while call_handle(own, "info", timeout_s=120)["version"] != version:

@@ -21,6 +21,7 @@ from fusionrec.ranking.stage import RankingStage, query_vector
 from fusionrec.retrieval.base import Candidate, FilterSpec, InteractionEvent, StoredItem, StoreSchema, StoreSwitched
 from fusionrec.retrieval.content import ContentStore
 from fusionrec.retrieval.query import Ranked, RecommendQuery
+from fusionrec.retrieval.swap import COMMIT_BATCH_ITEMS
 
 if TYPE_CHECKING:
     from fusionrec.retrieval.milvus import MilvusStore
@@ -326,9 +327,11 @@ class RetrievalEngine:
             raise FailedPrecondition(f"no {modality} encoder swap is filling shadow vectors")
         return len(vectors)
 
-    def commit_swap(self, modality: str, model: FusionModel, batch_size: int = 1000) -> int:
+    def commit_swap(self, modality: str, model: FusionModel, batch_size: int = COMMIT_BATCH_ITEMS,
+                    busy_share: float = 1.0) -> int:
         """Serve the shadow vectors: fused vectors recomputed with ``model`` (made for the incoming
-        encoder), switched atomically; the incoming version becomes the store's (MilvusStore.commit_swap)."""
+        encoder), switched atomically; the incoming version becomes the store's (MilvusStore.commit_swap,
+        ``busy_share`` there)."""
         state = self.store.shadow(modality).state()
         if state is None:
             raise NotFound(f"no {modality} encoder swap in progress")
@@ -338,7 +341,7 @@ class RetrievalEngine:
         def fused_for(batch: list[StoredItem]) -> np.ndarray:
             return model.item_vectors([b.modality_vectors for b in batch], [b.item_id for b in batch])
 
-        return self.store.commit_swap(modality, new_schema, fused_for, batch_size)
+        return self.store.commit_swap(modality, new_schema, fused_for, batch_size, busy_share)
 
     # ----------------------------------------------------------------- re-indexing
 

@@ -66,6 +66,7 @@ def build_items(conn: MilvusConnection, name: str, rows: ItemRows, batches: Iter
         for batch in batches:
             vectors = _fused(fn, batch, rows.schema.fused_dim)
             conn.write(name, rows.reindexed(batch, vectors), rows.item_row_bytes)
+            conn.after_write(name, len(batch))  # flushed as it fills (Lite: one flush at the end stalled searches)
             if mirror is not None:
                 mirror.upsert([it.item_id for it in batch], vectors, [it.attributes for it in batch])
             n += len(batch)

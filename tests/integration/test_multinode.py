@@ -282,7 +282,7 @@ def test_two_nodes_serve_survive_losing_one_and_recover():
         cluster.start_head()
         _wait_port(cluster.port)
         cluster.start_worker()
-        state = cluster.wait_for_nodes(alive=2)
+        state = cluster.wait_for_nodes(alive=2, timeout_s=300)  # a loaded 2-core machine is slow, never wrong
         worker_ids = [n["id"] for n in state["nodes"] if n["alive"] and n["worker_node"]]
         assert len(worker_ids) == 1, state
 
