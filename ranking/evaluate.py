@@ -19,7 +19,7 @@ from fusionrec.core.paths import home
 from fusionrec.fusion.train.data import InteractionData, load_dataset
 from fusionrec.fusion.train.metrics import per_user_metrics, ranking_metrics
 from fusionrec.ranking.mmr import mmr_order
-from fusionrec.ranking.train import CandidateSet, build_candidates, fit_ranker, reorder, select_and_fit, valid_halves
+from fusionrec.ranking.train import CandidateSet, build_candidates, fit_averaged, reorder, select_and_fit, valid_halves
 
 #: The retrieval model each seed trains: the full variant's net (graph, ids, every content modality).
 RETRIEVAL_VARIANT = "full"
@@ -61,12 +61,14 @@ def retrieval_checkpoints(dataset: str, seeds: tuple[int, ...], members: int, wo
     return {s: manifest[key[s]] for s in seeds}
 
 
-def choose_mmr_lambda(cs: CandidateSet, valid: list[np.ndarray], seed: int, chosen: dict[str, Any],
-                     lambdas: tuple[float, ...] = MMR_LAMBDAS) -> tuple[float, dict[str, float]]:
+def choose_mmr_lambda(cs: CandidateSet, valid: list[np.ndarray], seed: int,
+                      chosen: dict[str, Any] | list[dict[str, Any]], lambdas: tuple[float, ...] = MMR_LAMBDAS
+                      ) -> tuple[float, dict[str, float]]:
     """The MMR λ with the best valid NDCG@K on the ranker's selection half, the ranker refitted with the
-    ``chosen`` parameters on the fit half only (test labels never seen). Returns (λ, NDCG@K per λ)."""
+    ``chosen`` parameters (one set, or the sets an averaged ranker averages) on the fit half only (test
+    labels never seen). Returns (λ, NDCG@K per λ)."""
     _, fit_pos, sel_pos = valid_halves(cs, valid, seed)
-    scores = fit_ranker(cs, valid, fit_pos, chosen, seed).predict(cs.rows(sel_pos))
+    scores = fit_averaged(cs, valid, fit_pos, chosen, seed).predict(cs.rows(sel_pos))
     positives = [valid[u] for u in cs.users[sel_pos]]
     by_lambda = {lam: float(per_user_metrics(_mmr_topk(cs, sel_pos, scores, lam), positives, (K,))[f"ndcg@{K}"].mean())
                  for lam in lambdas}
@@ -97,7 +99,8 @@ def seed_run(data: InteractionData, checkpoint: str, seed: int, candidates_n: in
     scores = ranker.predict(cs.rows(pos))
     variants = {"retrieval": cs.items[pos, :K], "ranking": reorder(cs, pos, scores, K)}
     if mmr_lambda == "valid":
-        lam, selection["mmr_valid_ndcg"] = choose_mmr_lambda(cs, data.user_items("valid"), seed, selection["chosen"])
+        lam, selection["mmr_valid_ndcg"] = choose_mmr_lambda(cs, data.user_items("valid"), seed,
+                                                                  selection["averaged"])
         selection["mmr_lambda"] = lam
         variants["ranking+mmr(λ on valid)"] = _mmr_topk(cs, pos, scores, lam)
     elif mmr_lambda is not None:

@@ -32,7 +32,8 @@ def _markdown(r: dict[str, Any]) -> list[str]:
              f"Protocol: retrieval model {r['retrieval_model']}, trained per seed and loaded through the serving "
              f"class; candidates = each user's top {r['candidates_n']} by the retrieval score (user tower over the "
              "train history, train items excluded); the LightGBM lambdarank ranker is fitted on valid labels, its "
-             "hyper-parameters chosen on valid only (half the valid users fit, the other half score NDCG@20); test "
+             "hyper-parameters chosen on valid only (half the valid users fit, the other half score NDCG@20; the "
+             "served ranker averages the scores of the best few settings, refitted on every valid user); test "
              f"labels only score it. Mean ± std over seeds {r['seeds']}; " + _mmr_sentence(r["mmr_lambda"]), "",
              "| variant | NDCG@20 | Recall@20 | NDCG@10 | Recall@10 | coverage@20 |", "|---|---|---|---|---|---|"]
     for v, m in s.items():
@@ -56,13 +57,21 @@ def _markdown(r: dict[str, Any]) -> list[str]:
     for run in r["runs"]:
         sel = run["selection"]
         best = max(t["valid_ndcg@20"] for t in sel["trials"])
-        chosen = sel["chosen"] | ({"mmr_lambda": sel["mmr_lambda"]} if "mmr_lambda" in sel else {})
+        chosen = _chosen_cell(sel)
         lines.append(f"| {run['seed']} | {chosen} | {sel['retrieval_valid_ndcg@20']:.4f} | {best:.4f} | "
                      f"{run['positives_in_candidates']:.3f} | {run['lists_s']} | {run['fit_s']} |")
     lines += ["", f"Features ({len(first['features'])}): {', '.join(first['features'])}.", "",
               "Largest gain shares (seed " + str(first["seed"]) + "): "
               + ", ".join(f"{k} {v / total:.0%}" for k, v in top) + ".", "", f"Wall time: {r['wall_s']} s.", ""]
     return lines
+
+
+def _chosen_cell(sel: dict[str, Any]) -> str:
+    """The chosen setting, or the settings whose scores the ranker averages, plus the MMR λ when chosen."""
+    configs = sel.get("averaged") or [sel["chosen"]]
+    cell = str(configs[0]) if len(configs) == 1 else f"mean of {len(configs)}: " + "; ".join(
+        ", ".join(f"{k}={v}" for k, v in c.items()) for c in configs)
+    return cell + (f"; mmr_lambda={sel['mmr_lambda']}" if "mmr_lambda" in sel else "")
 
 
 def _plot(r: dict[str, Any], path: Path) -> None:

@@ -18,7 +18,7 @@ from fusionrec.fusion.base import FusionModel
 from fusionrec.fusion.train.data import InteractionData
 from fusionrec.fusion.train.metrics import per_user_metrics, topk_items
 from fusionrec.ranking.features import CandidateList, candidate_features
-from fusionrec.ranking.ranker import LightGBMRanker, Ranker
+from fusionrec.ranking.ranker import AveragedRanker, LightGBMRanker, Ranker
 
 #: History events a user vector and the history features use (the service's default limits.max_history).
 HISTORY_LIMIT = 200
@@ -28,6 +28,9 @@ HISTORY_LIMIT = 200
 GRID: dict[str, list[Any]] = {"num_leaves": [3, 7], "base_scale": [0.0, 6.7]}
 #: Boosting rounds tried per grid point (read off one fit at its largest round count).
 ROUNDS = (50, 100, 200, 400)
+#: The served ranker averages the scores of this many best (grid point, rounds) settings on valid: the
+#: selection half's NDCG@20 separates the top few by less than its noise, and their mean varies less.
+AVERAGE_TOP = 3
 
 
 @dataclass
@@ -102,6 +105,14 @@ def fit_ranker(cs: CandidateSet, positives: list[np.ndarray], pos: np.ndarray, p
                                                          np.full(len(useful), n), seed=seed)
 
 
+def fit_averaged(cs: CandidateSet, positives: list[np.ndarray], pos: np.ndarray,
+                 configs: dict[str, Any] | list[dict[str, Any]], seed: int) -> Ranker:
+    """One ranker per parameter set in ``configs`` (fit_ranker), their scores averaged; one set: that ranker."""
+    configs = [configs] if isinstance(configs, dict) else list(configs)
+    rankers = [fit_ranker(cs, positives, pos, c, seed) for c in configs]
+    return rankers[0] if len(rankers) == 1 else AveragedRanker(cs.feature_names, {"configs": configs}, rankers)
+
+
 def valid_halves(cs: CandidateSet, valid: list[np.ndarray], seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(every, fit half, select half) positions into ``cs.users`` of users with valid items (seeded halves)."""
     pos = np.flatnonzero([len(valid[u]) > 0 for u in cs.users])
@@ -114,8 +125,9 @@ def select_and_fit(cs: CandidateSet, valid: list[np.ndarray], seed: int, k: int 
     """Choose hyper-parameters on the valid split only, then refit on every valid user.
 
     Valid users are halved (seeded): each grid point fits on one half at the largest round count and is
-    scored by NDCG@k of the other half at every count of ``ROUNDS``; the best point refits on both halves.
-    Returns the ranker and the selection record (grid scores, chosen params).
+    scored by NDCG@k of the other half at every count of ``ROUNDS``; the ``AVERAGE_TOP`` best settings refit
+    on both halves and their scores are averaged. Returns the ranker and the selection record (grid scores,
+    the best params as "chosen", every averaged setting as "averaged").
     """
     pos, fit_pos, sel_pos = valid_halves(cs, valid, seed)
     sel_positives = [valid[u] for u in cs.users[sel_pos]]
@@ -127,8 +139,8 @@ def select_and_fit(cs: CandidateSet, valid: list[np.ndarray], seed: int, k: int 
             scores = ranker.predict(cs.rows(sel_pos), rounds)
             ndcg = per_user_metrics(reorder(cs, sel_pos, scores, k), sel_positives, (k,))[f"ndcg@{k}"].mean()
             trials.append({**params, "num_boost_round": rounds, f"valid_ndcg@{k}": float(ndcg)})
-    best = max(trials, key=lambda t: t[f"valid_ndcg@{k}"])
-    chosen = {key: best[key] for key in [*GRID, "num_boost_round"]}
+    ranked = sorted(trials, key=lambda t: -t[f"valid_ndcg@{k}"])  # stable: ties keep grid order
+    configs = [{key: t[key] for key in [*GRID, "num_boost_round"]} for t in ranked[:max(1, AVERAGE_TOP)]]
     base = per_user_metrics(cs.items[sel_pos, :k], sel_positives, (k,))[f"ndcg@{k}"].mean()
-    return fit_ranker(cs, valid, pos, chosen, seed), {"trials": trials, "chosen": chosen,
-                                                      f"retrieval_valid_ndcg@{k}": float(base)}
+    return fit_averaged(cs, valid, pos, configs, seed), {"trials": trials, "chosen": configs[0], "averaged": configs,
+                                                         f"retrieval_valid_ndcg@{k}": float(base)}

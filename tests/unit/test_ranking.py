@@ -10,7 +10,8 @@ import pytest
 from fusionrec.fusion.registry import get_fusion_model
 from fusionrec.ranking.features import CandidateList, attribute_match, candidate_features, feature_matrix
 from fusionrec.ranking.mmr import mmr_order
-from fusionrec.ranking.ranker import RANKERS, LightGBMRanker, Ranker, load_ranker, ranker_class, register_ranker
+from fusionrec.ranking.ranker import (RANKERS, AveragedRanker, LightGBMRanker, Ranker, load_ranker, ranker_class,
+                                      register_ranker)
 from fusionrec.ranking.stage import RankingStage, query_vector
 from ranking_support import FEATURES, popularity_lists, train_popularity_ranker
 
@@ -114,10 +115,29 @@ def test_a_saved_ranker_loads_and_scores_the_same(tmp_path):
     body = json.loads((tmp_path / "pop.json").read_text())
     body["ranker"] = "no-such-ranker"
     (tmp_path / "bad.json").write_text(json.dumps(body))
-    with pytest.raises(ValueError, match="unknown ranker 'no-such-ranker'; known: \\['lambdarank'\\]"):
+    with pytest.raises(ValueError, match="unknown ranker 'no-such-ranker'; known: \\['averaged', 'lambdarank'\\]"):
         load_ranker(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="cannot load a ranker"):
         load_ranker(tmp_path / "missing.json")
+
+
+def test_an_averaged_ranker_scores_its_members_mean_and_survives_a_save(tmp_path):
+    other = {"num_boost_round": 20, "min_data_in_leaf": 5, "label_gain": list(range(60)), "base_scale": 2.0}
+    members = [train_popularity_ranker(seed=1), LightGBMRanker(FEATURES, other)]
+    x, y, _ = popularity_lists(50, 30, seed=3)
+    members[1].fit(x, y, np.full(50, 30), seed=0)
+    ranker = AveragedRanker(FEATURES, {"configs": [m.params for m in members]}, members)
+    lists, _, _ = popularity_lists(4, 30, seed=5)
+    mean = (members[0].predict(lists) + members[1].predict(lists)) / 2
+    np.testing.assert_allclose(ranker.predict(lists), mean, rtol=1e-6)
+    assert not np.allclose(ranker.predict(lists), members[0].predict(lists))  # both members count
+    loaded = load_ranker(ranker.save(tmp_path / "avg.json"))
+    assert isinstance(loaded, AveragedRanker) and [type(m) for m in loaded.members] == [LightGBMRanker] * 2
+    np.testing.assert_array_equal(loaded.predict(lists), ranker.predict(lists))
+    shares = ranker.importance()
+    assert next(iter(shares)) == "pop_log" and sum(shares.values()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="share one feature list"):
+        AveragedRanker(["pop_log"], None, members)
 
 
 def test_base_scale_starts_boosting_from_the_retrieval_score():

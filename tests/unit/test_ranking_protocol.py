@@ -48,6 +48,9 @@ def test_candidates_selection_and_report(data, tmp_path, monkeypatch):
     ranker, selection = select_and_fit(cs, data.user_items("valid"), seed=0)
     assert len(selection["trials"]) == 2 * 2 * 2 and set(selection["chosen"]) == {"num_leaves", "base_scale",
                                                                                   "num_boost_round"}
+    best = sorted(selection["trials"], key=lambda t: -t["valid_ndcg@20"])[:ranking_train.AVERAGE_TOP]
+    assert selection["averaged"] == [{k: t[k] for k in selection["chosen"]} for t in best]  # the best few on valid
+    assert selection["averaged"][0] == selection["chosen"] and len(ranker.members) == ranking_train.AVERAGE_TOP
     test = data.user_items("test")
     pos = np.arange(len(cs.users))
     positives = [test[u] for u in cs.users]
