@@ -2,8 +2,9 @@
 
 Engine level (no gRPC, no Ray): a real Milvus Lite store with the in-memory index, the real weighted-v0
 item and user towers over clustered synthetic modality vectors (bench/retrieval.py's source), users with
-20-event histories, and a LightGBM lambdarank ranker trained on the bench's own candidate lists
-(its held-out events as labels) at the size the evaluation chooses at most (400 rounds of 7 leaves). Each
+20-event histories, and the served kind of ranker (an AveragedRanker of 3 LightGBM lambdarank members, as
+`fusionrec eval-ranking` saves) trained on the bench's own candidate lists (its held-out events as labels),
+each member at the size the evaluation chooses at most (400 rounds of 7 leaves). Each
 request runs both ways, alternating which goes first, so drift on a shared machine hits both alike.
 
 Service level (bench/ranking_service.py): Recommend over real gRPC against the real app on a fresh store
@@ -25,7 +26,7 @@ from fusionrec.bench.ranking_service import latency_stats, ratios, run_service
 from fusionrec.bench.retrieval import VectorSource
 from fusionrec.core.paths import results_dir
 from fusionrec.fusion.registry import get_fusion_model
-from fusionrec.ranking.ranker import LightGBMRanker
+from fusionrec.ranking.ranker import AveragedRanker, LightGBMRanker
 from fusionrec.ranking.stage import RankingStage
 from fusionrec.retrieval.base import InteractionEvent, StoredItem, StoreSchema
 from fusionrec.retrieval.engine import RetrievalEngine
@@ -34,6 +35,7 @@ from fusionrec.retrieval.query import QueryContent, RecommendQuery
 DIMS = {"text": 384, "image": 1280, "audio": 128}
 HISTORY, HELD_OUT = 20, 5
 RANKER_PARAMS = {"num_leaves": 7, "num_boost_round": 400, "base_scale": 6.7}
+RANKER_MEMBERS = 3  # as served (ranking/ranker.py AveragedRanker): 3 x the trees of one ranker
 
 
 def _catalog(engine: RetrievalEngine, model: Any, n_items: int, rng: np.random.Generator,
@@ -62,7 +64,7 @@ def _users(engine: RetrievalEngine, n_items: int, n_users: int, rng: np.random.G
     return held
 
 
-def _train_ranker(engine: RetrievalEngine, model: Any, held: dict[str, list[str]], candidates_n: int) -> LightGBMRanker:
+def _train_ranker(engine: RetrievalEngine, model: Any, held: dict[str, list[str]], candidates_n: int) -> AveragedRanker:
     """A ranker fitted on the engine's own candidate lists (features as served, held-out items as labels)."""
     from fusionrec.ranking.features import CandidateList, candidate_features
 
@@ -78,8 +80,9 @@ def _train_ranker(engine: RetrievalEngine, model: Any, held: dict[str, list[str]
         names = sorted(k for k in cols if not np.isnan(cols[k]).all())  # as fitted offline: known features only
         xs.append(np.stack([cols[k] for k in names], 1))
         ys.append(np.isin([c.item_id for c in cands], labels).astype(np.float32))
-    return LightGBMRanker(names, RANKER_PARAMS).fit(np.concatenate(xs), np.concatenate(ys),
-                                                    np.asarray([len(y) for y in ys]))
+    members = [LightGBMRanker(names, RANKER_PARAMS) for _ in range(RANKER_MEMBERS)]
+    return AveragedRanker(names, {}, members).fit(np.concatenate(xs), np.concatenate(ys),
+                                                  np.asarray([len(y) for y in ys]))
 
 
 def _measure(engine: RetrievalEngine, model: Any, stage: RankingStage, users: list[str], k: int
@@ -126,7 +129,7 @@ def _engine_level(n_items: int, n_users: int, requests: int, k: int, candidates_
     stats = {mode: latency_stats(t) for mode, t in times.items()}
     return {"level": "engine (RetrievalEngine.recommend: history, user tower, in-memory search, ranking); no gRPC",
             "users": n_users, "requests": requests, "fused_dim": model.dim, "build_s": round(build_s, 1),
-            "ranker": {"features": len(ranker.feature_names), **RANKER_PARAMS}, **stats, **ratios(stats)}
+            "ranker": {"features": len(ranker.feature_names), "members": RANKER_MEMBERS, **RANKER_PARAMS}, **stats, **ratios(stats)}
 
 
 def run(n_items: int = 100_000, n_users: int = 2000, requests: int = 500, k: int = 10, candidates_n: int = 100,

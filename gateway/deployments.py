@@ -28,12 +28,17 @@ from fusionrec.retrieval.content import open_content_store
 from fusionrec.retrieval.engine import RetrievalEngine
 from fusionrec.retrieval.query import Ranked, RecommendQuery
 from fusionrec.retrieval.server_items import ServerOptions
-from fusionrec.retrieval.swap import COMMIT_BATCH_ITEMS, preemptible
+from fusionrec.retrieval.swap import COMMIT_BATCH_ITEMS, niced, preemptible
 
 log = logging.getLogger("ray.serve")  # lands in the replica log files
 
 
 SETTLE_EVERY_ITEMS = 20_000
+#: An encoder replica loads its model (imports, weights, warm-up) in a thread at this niceness: a replica
+#: that autoscaling adds under load otherwise takes a core from those serving for its ~3-7 s of start-up
+#: (on 2 cores, a 2x overload's admitted p99 doubled for those seconds: `fusionrec bench reliability`).
+#: Niceness is per thread on Linux, so the replica serves at its normal priority once loaded.
+LOAD_NICENESS = 19
 
 
 def settle_heap() -> None:
@@ -70,7 +75,7 @@ class EncoderDeployment:
         self.modality = modality
         self.configured = EncoderConfig.model_validate(config)  # the app args' choice
         self.current = self.configured  # what runs now: user_config's `encoder` replaces it
-        self.encoder = self._load(self.current)
+        self.encoder = niced(lambda: self._load(self.current), LOAD_NICENESS, "load-encoder")
         self.load = EncoderLoad()  # batch sizes and queue depth, for the Gateway's /metrics
 
     def _load(self, cfg: EncoderConfig):

@@ -4,6 +4,14 @@
 replica (each keeps its own admission estimate) sees both; lone calls first go over several connections.
 
 admitted_p99_ratio = p99 of admitted calls under overload / p99 of one caller alone (unloaded).
+
+The surge starts once the ramp's effect on autoscaling is over (``root_pid`` given: no replica process
+younger than `SETTLE_AGE_S`, at least `SETTLE_MIN_S` after the ramp). The ramp's top levels queue 16-32
+calls at the image encoder, and Serve often adds a replica a few seconds later: started during the
+surge, its 6-8 s of start-up took a core from the two that serve, and the run's ratio was 1.5-2.3
+where runs without one gave 1.1-1.5 (nine runs, 2026-11-30 evening). That is the cost of a replica
+start on a saturated 2-core machine (`fusionrec bench autoscale` measures it), set off by the harness's
+own probe at a random point of the surge; the report records any replica started during the surge.
 """
 
 from __future__ import annotations
@@ -15,13 +23,44 @@ from typing import Any, Callable
 
 import grpc
 import numpy as np
+import psutil
 
 from fusionrec.bench import load
-from fusionrec.bench.reliability import media
+from fusionrec.bench.reliability import media, processes
 from fusionrec.v1 import recommender_pb2 as pb
 from fusionrec.v1 import recommender_pb2_grpc as pb_grpc
 
 Log = Callable[[str], None]
+
+SETTLE_MIN_S = 8.0  # Serve's autoscaler decides on the ramp's queue within a few seconds after it
+SETTLE_AGE_S = 12.0  # a replica process this old has finished starting (6-8 s here, under load)
+SETTLE_MAX_S = 45.0
+
+
+def _replica_ages_s(root_pid: int) -> dict[str, list[float]]:
+    """Deployment name -> ages of its replica processes, in seconds."""
+    now = time.time()
+    ages: dict[str, list[float]] = {}
+    for name, procs in processes.replicas(root_pid).items():
+        for proc in procs:
+            try:
+                ages.setdefault(name, []).append(now - proc.create_time())
+            except psutil.Error:  # gone meanwhile
+                continue
+    return ages
+
+
+async def _settle(root_pid: int) -> dict[str, Any]:
+    """Wait until no replica started within `SETTLE_AGE_S` (at least `SETTLE_MIN_S`, at most `SETTLE_MAX_S`)."""
+    t0 = time.monotonic()
+    while True:
+        ages = _replica_ages_s(root_pid)
+        youngest = min((a for found in ages.values() for a in found), default=float("inf"))
+        waited = time.monotonic() - t0
+        if (waited >= SETTLE_MIN_S and youngest >= SETTLE_AGE_S) or waited >= SETTLE_MAX_S:
+            return {"settle_s": round(waited, 1), "settled": youngest >= SETTLE_AGE_S,
+                    "replicas": {name: len(found) for name, found in sorted(ages.items())}}
+        await asyncio.sleep(0.5)
 
 
 async def _one(stub: pb_grpc.RecommenderStub, request: pb.RecommendRequest, timeout_s: float,
@@ -79,16 +118,18 @@ async def _level(stub: pb_grpc.RecommenderStub, requests: list[pb.RecommendReque
 
 
 async def _ramp_then_overload(target: str, requests: list[pb.RecommendRequest], levels: tuple[int, ...], ramp_s: float,
-                              factor: float, overload_s: float, timeout_s: float, metadata: tuple):
-    """The closed-loop ramp, then ``factor`` x its peak throughput open-loop, all on one connection: one
-    Gateway replica (of those sharing the port) sees the whole sequence, as a replica under a real surge would
-    (its admission state is its own)."""
+                              factor: float, overload_s: float, timeout_s: float, metadata: tuple,
+                              root_pid: int | None):
+    """The closed-loop ramp, (settling,) then ``factor`` x its peak throughput open-loop, all on one connection:
+    one Gateway replica (of those sharing the port) sees the whole sequence, as a replica under a real surge
+    would (its admission state is its own)."""
     async with grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         stub = pb_grpc.RecommenderStub(channel)
         await channel.channel_ready()
         ramp = [await _level(stub, requests, c, ramp_s, timeout_s, metadata) for c in levels]
         rate = factor * load.peak(ramp).qps
-        return ramp, rate, await _open_loop(stub, requests, rate, overload_s, timeout_s, metadata)
+        settle = await _settle(root_pid) if root_pid is not None else {}
+        return ramp, settle, rate, await _open_loop(stub, requests, rate, overload_s, timeout_s, metadata)
 
 
 async def _alone(target: str, requests: list[pb.RecommendRequest], duration_s: float, timeout_s: float,
@@ -134,19 +175,25 @@ def overload_requests(users: list[str], n: int = 16) -> list[pb.RecommendRequest
 
 
 def run_overload(target: str, token: str, users: list[str], levels: tuple[int, ...] = (1, 2, 4, 8, 16, 32),
-                 ramp_s: float = 4.0, unloaded_s: float = 10.0, overload_s: float = 20.0, factor: float = 2.0,
-                 timeout_s: float = 1.0, log: Log = print) -> dict[str, Any]:
-    """The report's `overload` section (`overload_requests`; ``timeout_s`` is every call's deadline)."""
+                 ramp_s: float = 4.0, unloaded_s: float = 30.0, overload_s: float = 20.0, factor: float = 2.0,
+                 timeout_s: float = 1.0, root_pid: int | None = None, log: Log = print) -> dict[str, Any]:
+    """The report's `overload` section (`overload_requests`; ``timeout_s`` is every call's deadline;
+    ``root_pid``: the service's process tree, to settle after the ramp and see replica starts)."""
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     requests = overload_requests(users)
-    # One caller alone, long enough for a p99 of a few hundred calls; then the ramp to saturation.
+    # One caller alone, long enough for a p99 of ~800 calls (10 s gave ~290: the 3rd slowest, 49-70 ms over
+    # the runs of one evening); then the ramp to saturation.
     unloaded_latencies(target, requests, 2.0, timeout_s, metadata, connections=2)  # warm-up, not counted
     unloaded_ms = unloaded_latencies(target, requests, unloaded_s, timeout_s, metadata)
     unloaded_p99 = _pct(unloaded_ms, 99)
-    ramp, rate, (results, sent, lag_p99) = asyncio.run(_ramp_then_overload(
-        target, requests, levels, ramp_s, factor, overload_s, timeout_s, metadata))
+    ramp, settle, rate, (results, sent, lag_p99) = asyncio.run(_ramp_then_overload(
+        target, requests, levels, ramp_s, factor, overload_s, timeout_s, metadata, root_pid))
+    # Replica processes younger than the surge (plus the tail of its calls): started while it ran.
+    started = {name: len([a for a in found if a < overload_s + 2 * timeout_s])
+               for name, found in (_replica_ages_s(root_pid) if root_pid is not None else {}).items()}
     best = load.peak(ramp)
-    log(f"  ramp: unloaded p99 {unloaded_p99:.1f} ms; saturation {best.qps:.0f} req/s at {best.concurrency} callers")
+    log(f"  ramp: unloaded p99 {unloaded_p99:.1f} ms; saturation {best.qps:.0f} req/s at {best.concurrency} callers; "
+        f"settled {settle}; replicas started during the surge: {started}")
     codes = Counter(code for code, _ in results)
     admitted = [ms for code, ms in results if code == "OK"]
     shed = [ms for code, ms in results if code == "RESOURCE_EXHAUSTED"]
@@ -170,7 +217,8 @@ def run_overload(target: str, token: str, users: list[str], levels: tuple[int, .
         "admitted_qps": len(admitted) / overload_s, "admitted_p99_after_2s_ms": _pct(steady, 99),
         "shed_fraction": len(shed) / len(results) if results else 0.0, "shed_median_ms": _pct(shed, 50),
         "failed_other_fraction": (len(results) - len(admitted) - len(shed)) / len(results) if results else 0.0,
-        "ramp": load.as_dicts(ramp), "timeline": timeline,
+        "ramp": load.as_dicts(ramp), "settle": settle,
+        "replicas_started_during": {name: n for name, n in started.items() if n}, "timeline": timeline,
     }
     log(f"  {factor:g}x ({rate:.0f} req/s offered, {sent:.0f} sent): admitted p99 {p99} ms, "
         f"codes {dict(codes)}")

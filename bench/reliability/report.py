@@ -98,7 +98,8 @@ def _overload_md(o: dict | None) -> list[str]:
             f"{_fmt(o['admitted_p50_ms'])} ms, p99 {_fmt(o['admitted_p99_ms'])} ms (calls sent after the first 2 s: "
             f"{_fmt(o.get('admitted_p99_after_2s_ms'))} ms), {_fmt(o.get('admitted_qps'))} req/s admitted; shed "
             f"{o['shed_fraction']:.1%} (median {_fmt(o['shed_median_ms'])} ms); other failures "
-            f"{o['failed_other_fraction']:.1%}; codes `{o['codes']}`."]
+            f"{o['failed_other_fraction']:.1%}; codes `{o['codes']}`. After the ramp, settled "
+            f"`{o.get('settle', {})}`; replicas started during the surge: `{o.get('replicas_started_during', {})}`."]
 
 
 def _soak_md(s: dict | None) -> list[str]:

@@ -51,7 +51,7 @@ def run_reliability(config: Path, out_dir: Path, plan: ReliabilityPlan, log: Log
                  lambda: run_faults(service, versions, dim, plan.kill, plan.whole_tree, log=log)),
                 ("overload", plan.overload_s > 0, lambda: run_overload(
                     service.target, TOKEN, USERS, overload_s=plan.overload_s,
-                    timeout_s=plan.overload_deadline_ms / 1000, log=log)),
+                    timeout_s=plan.overload_deadline_ms / 1000, root_pid=service.pid, log=log)),
                 ("soak", plan.soak_s > 0, lambda: run_soak(service.target, TOKEN, service.pid, versions, dim,
                                                           plan.soak_s, plan.soak_warmup_s, log=log)),
             ]
