@@ -17,7 +17,7 @@ throughput; with light parallel load it is about one request's latency. Two boun
   for (1 - f) of the lone latency, so that requests overlap partly (they are then in different
   stages of the pipeline). Feedback on the latency itself, not a model of it: on 2 cores two requests
   in flight make a 2x tail while one wastes half the capacity, and the right share lies between.
-  Overloaded means both, over the last `rate_window_s` or the last `SURGE_WINDOW_S`: requests offered
+  Overloaded means both, over the last `rate_window_s`: requests offered
   (admitted or shed) faster than `1 + overload_margin` times the measured capacity (1 / service time),
   and faster than `1 + overload_margin` times they completed, by more than `OVERLOAD_STEP` requests (a
   queue that grows now). Callers that wait for their answers
@@ -34,7 +34,6 @@ Python: no gRPC, no Ray; `now` is injectable so that tests drive the clock.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import math
 import statistics
@@ -58,14 +57,6 @@ LIMIT_CUT = 0.6
 #: a few callers arriving together (those of a lost Gateway replica, with their retried attempts) are a
 #: step, not a queue that keeps growing; a 2x open-loop surge passes it within a fraction of a second.
 OVERLOAD_STEP = 8
-#: The short window of the overload test: at 2x a capacity of 40/s a surge passes OVERLOAD_STEP in ~0.3 s
-#: (the 2 s window alone took ~0.6 s, during which the deadline rule alone let a queue of ~0.6 s build).
-SURGE_WINDOW_S = 0.5
-
-
-def _count_since(times: collections.deque[float], cutoff: float) -> int:
-    """How many of the ascending ``times`` are at or after ``cutoff`` (a binary search: called per request)."""
-    return len(times) - bisect.bisect_left(times, cutoff)
 
 
 @dataclass(frozen=True)
@@ -149,19 +140,11 @@ class LoadEstimator:
         return self._recent(self._completions) / self.rate_window_s
 
     def overloaded(self, service_s: float) -> bool:
-        """Requests arrive faster than they can be served and than they are answered (a queue that grows),
-        over the last `rate_window_s` or the last `SURGE_WINDOW_S` (a surge is seen within a fraction of a
-        second; the long window keeps a surge that came in bursts)."""
-        self._recent(self._arrivals)  # drops what left the long window
-        self._recent(self._completions)
+        """Requests arrive faster than they can be served and than they are answered (a queue that grows)."""
         limit = 1.0 + self.overload_margin
-        for span_s in (self.rate_window_s, min(SURGE_WINDOW_S, self.rate_window_s)):
-            offered = _count_since(self._arrivals, self._now() - span_s) / span_s
-            completed = _count_since(self._completions, self._now() - span_s) / span_s
-            growth = (offered - limit * completed) * span_s  # requests beyond the margin
-            if offered * service_s > limit and growth > OVERLOAD_STEP:
-                return True
-        return False
+        offered = self.offered_qps()
+        growth = (offered - limit * self.completed_qps()) * self.rate_window_s  # requests beyond the margin
+        return offered * service_s > limit and growth > OVERLOAD_STEP
 
     def verdict(self, remaining_s: float) -> Shed | None:
         """Shed (why) or None (admit) for a request with ``remaining_s`` of deadline left; counts it as offered."""

@@ -75,7 +75,7 @@ class ServerConfig(_Strict):
                                                                    "misses it, rises while they meet it); 0 = off "
                                                                    "(only the caller's deadline bounds queueing). "
                                                                    "README: Limits and failure behaviour.")
-    admission_overload_margin: float = Field(0.2, ge=0, description="Overloaded = over the last 2 s or 0.5 s, "
+    admission_overload_margin: float = Field(0.2, ge=0, description="Overloaded = over the last 2 s, "
                                                                     "requests offered (admitted or shed) faster "
                                                                     "than 1 + this margin "
                                                                     "times the measured capacity (1 / service time) "

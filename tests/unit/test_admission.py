@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from fusionrec.gateway.admission import DEADLINE_REASON, LIMIT_CUT, LIMIT_RISE, OBJECTIVE_REASON, LoadEstimator, Ticket
+from fusionrec.gateway.admission import DEADLINE_REASON, LIMIT_CUT, LIMIT_RISE, OBJECTIVE_REASON, LoadEstimator
 from fusionrec.gateway.config import ServerConfig
 from fusionrec.gateway.metrics import Metrics
 from fusionrec.gateway.server import create_server, set_serving
@@ -133,30 +133,6 @@ def test_objective_limit_falls_on_a_missed_objective_rises_on_met_ones_and_admit
     for t in held + [top]:
         est.end(t)  # within 60 ms: met, and each filled the limit
     assert est.limit == pytest.approx(limit + (whole + 1) * LIMIT_RISE)
-
-
-def test_a_surge_after_load_at_capacity_is_seen_within_a_third_of_a_second():
-    """A caller at capacity (one 25 ms request after another: 40/s) for 3 s, then an open-loop surge at 80/s
-    on top of the queue: the 2 s window alone would call it overload only after ~0.6 s."""
-    clock = Clock()
-    est = LoadEstimator(headroom=1.0, latency_factor=2.0, min_samples=4, now=clock)
-    for _ in range(120):
-        assert est.verdict(10.0) is None
-        ticket = est.begin()
-        clock.t += 0.025
-        est.end(ticket)
-    assert not est.overloaded(est.service_time_s())
-    seen_after_s = None
-    for i in range(1, 40):  # every 12.5 ms; one completes every 25 ms, the rest queue
-        clock.t += 0.0125
-        est.verdict(10.0)
-        if est.overloaded(est.service_time_s()):
-            seen_after_s = i * 0.0125
-            break
-        est.begin()
-        if i % 2 == 0:
-            est.end(Ticket(clock.t - 0.025, False))
-    assert seen_after_s is not None and seen_after_s <= 0.35, seen_after_s
 
 
 def test_callers_that_wait_for_their_answers_are_never_shed_by_the_objective():
