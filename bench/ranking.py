@@ -129,7 +129,8 @@ def _engine_level(n_items: int, n_users: int, requests: int, k: int, candidates_
     stats = {mode: latency_stats(t) for mode, t in times.items()}
     return {"level": "engine (RetrievalEngine.recommend: history, user tower, in-memory search, ranking); no gRPC",
             "users": n_users, "requests": requests, "fused_dim": model.dim, "build_s": round(build_s, 1),
-            "ranker": {"features": len(ranker.feature_names), "members": RANKER_MEMBERS, **RANKER_PARAMS}, **stats, **ratios(stats)}
+            "ranker": {"features": len(ranker.feature_names), "members": RANKER_MEMBERS, **RANKER_PARAMS},
+            **stats, **ratios(stats)}
 
 
 def run(n_items: int = 100_000, n_users: int = 2000, requests: int = 500, k: int = 10, candidates_n: int = 100,

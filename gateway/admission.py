@@ -8,19 +8,12 @@ completed in it; over the last `window` completions). A new request is expected 
 throughput; with light parallel load it is about one request's latency. Two bounds:
 
 - the deadline, always: shed when that estimate exceeds `headroom` of the caller's remaining deadline;
-- the latency objective (`latency_factor` > 0), only while the method is overloaded: a concurrency limit
-  that adapts so that admitted requests finish within `latency_factor` x the median latency of recent
-  requests that ran alone. Each admitted request that meets the objective raises the limit a little
-  (when it used the limit's top slot); one that misses it cuts the limit (`LIMIT_CUT`, once per
-  latency: a stall slows every request in flight at once). The limit is fractional: with `limit` =
-  n + f, n requests are admitted at any time and an (n+1)-th only once the last one admitted has run
-  for (1 - f) of the lone latency, so that requests overlap partly (they are then in different
-  stages of the pipeline). Feedback on the latency itself, not a model of it: on 2 cores two requests
-  in flight make a 2x tail while one wastes half the capacity, and the right share lies between.
-  Overloaded means both, over the last `rate_window_s`: requests offered
-  (admitted or shed) faster than `1 + overload_margin` times the measured capacity (1 / service time),
-  and faster than `1 + overload_margin` times they completed, by more than `OVERLOAD_STEP` requests (a
-  queue that grows now). Callers that wait for their answers
+- the latency objective (`latency_factor` > 0), only while the method is overloaded: shed when the
+  estimate exceeds `latency_factor` x the median latency of recent requests that ran alone. This is
+  Little's law as a concurrency limit (objective x throughput). Overloaded means both, over the last
+  `rate_window_s`: requests offered (admitted or shed) faster than `1 + overload_margin` times the
+  measured capacity (1 / service time), and faster than `1 + overload_margin` times they completed, by
+  more than `OVERLOAD_STEP` requests (a queue that grows now). Callers that wait for their answers
   (closed loop, however many) offer no more than completes, so they are not shed by it and the
   deployments behind still see all their queued work (what Serve's autoscaling counts); an open-loop
   surge beyond capacity is cut down to the concurrency that keeps the objective. The second test
@@ -28,14 +21,14 @@ throughput; with light parallel load it is about one request's latency. Two boun
   when one replica dies its callers reach a survivor whose capacity estimate still holds its old share
   (for `window` completions), yet their answers come back as fast as they arrive.
 
-Nothing is shed while nothing is in flight, nor before `min_samples` completions were measured. Plain
+Nothing is shed while nothing is in flight (by the objective: while fewer than `OBJECTIVE_MIN_IN_FLIGHT`),
+nor before `min_samples` completions were measured. Plain
 Python: no gRPC, no Ray; `now` is injectable so that tests drive the clock.
 """
 
 from __future__ import annotations
 
 import collections
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -46,13 +39,10 @@ DEADLINE_REASON = "deadline_unreachable"
 OBJECTIVE_REASON = "latency_objective"
 
 _MAX_ARRIVALS = 16_384  # arrival times kept for the offered rate (bounds memory under a flood)
-#: The objective's concurrency limit: where it starts (2 overlap on any machine this runs on), its floor,
-#: the rise per admitted request that met the objective (100 of them: one more in flight) and the cut
-#: when one missed it. At equilibrium about RISE / (RISE + cut) of the requests miss it (~1 % near 1.5).
-LIMIT_START = 2.0
-LIMIT_FLOOR = 1.0
-LIMIT_RISE = 0.01
-LIMIT_CUT = 0.6
+#: The objective never holds a method below this many requests in flight: measured one at a time, the
+#: service time is the lone latency itself, so a factor near 2 would otherwise never let a second request
+#: in to show that two overlap (2 callers here: +40 % throughput for +45 % latency, reports/reliability-rerun.json).
+OBJECTIVE_MIN_IN_FLIGHT = 2
 #: Requests offered beyond what completed (and the margin) in the rate window before it counts as overload:
 #: a few callers arriving together (those of a lost Gateway replica, with their retried attempts) are a
 #: step, not a queue that keeps growing; a 2x open-loop surge passes it within a fraction of a second.
@@ -82,8 +72,6 @@ class Ticket:
 
     started: float
     alone: bool
-    limited: bool = False  # admitted while the objective's limit was in force
-    top_slot: bool = False  # ... into the limit's highest slot
 
 
 class LoadEstimator:
@@ -106,10 +94,6 @@ class LoadEstimator:
         self._alone: collections.deque[float] = collections.deque(maxlen=window)  # latencies of lone requests
         self._arrivals: collections.deque[float] = collections.deque(maxlen=_MAX_ARRIVALS)
         self._completions: collections.deque[float] = collections.deque(maxlen=_MAX_ARRIVALS)
-        self.limit = LIMIT_START  # the objective's concurrency limit (only in force while overloaded)
-        self._limiting = False  # whether the last verdict applied it (the next begin() is under it)
-        self._last_start = -math.inf
-        self._last_cut = -math.inf
 
     def _busy_now(self, now: float) -> float:
         return self._busy_s + (now - self._busy_since if self.in_flight else 0.0)
@@ -150,8 +134,6 @@ class LoadEstimator:
         """Shed (why) or None (admit) for a request with ``remaining_s`` of deadline left; counts it as offered."""
         self._arrivals.append(self._now())
         service_s = self.service_time_s()
-        alone_s = self.alone_latency_s() if self.latency_factor > 0 else None
-        self._limiting = service_s is not None and alone_s is not None and self.overloaded(service_s)
         if not self.in_flight or service_s is None:
             return None
         estimate_s = (self.in_flight + 1) * service_s
@@ -159,37 +141,18 @@ class LoadEstimator:
         bound_s = remaining_s * self.headroom
         if estimate_s > bound_s:
             return Shed(DEADLINE_REASON, estimate_s, bound_s, self.in_flight, retry_after_s)
-        if self._limiting and not self._within_limit(alone_s):
+        alone_s = self.alone_latency_s() if self.latency_factor > 0 else None
+        if (alone_s is not None and self.in_flight >= OBJECTIVE_MIN_IN_FLIGHT
+                and estimate_s > self.latency_factor * alone_s and self.overloaded(service_s)):
             return Shed(OBJECTIVE_REASON, estimate_s, self.latency_factor * alone_s, self.in_flight, retry_after_s)
         return None
-
-    def _within_limit(self, alone_s: float) -> bool:
-        """Whether one more request fits the fractional concurrency limit (see the module's docstring)."""
-        whole = math.floor(self.limit)
-        if self.in_flight != whole:
-            return self.in_flight < whole
-        return self._now() - self._last_start >= (1.0 - (self.limit - whole)) * alone_s
-
-    def _adapt(self, ticket: Ticket, now: float) -> None:
-        """Move the limit by whether ``ticket``, admitted under it, met the latency objective."""
-        alone_s = self.alone_latency_s()
-        if alone_s is None:
-            return
-        if now - ticket.started > self.latency_factor * alone_s:
-            if ticket.started >= self._last_cut:  # the first miss of a stall, not every request it slowed
-                self.limit = max(LIMIT_FLOOR, self.limit * LIMIT_CUT)
-                self._last_cut = now
-        elif ticket.top_slot:
-            self.limit += LIMIT_RISE
 
     def begin(self) -> Ticket:
         now = self._now()
         if not self.in_flight:
             self._busy_since = now
         self.in_flight += 1
-        self._last_start = now
-        limited, self._limiting = self._limiting, False
-        return Ticket(now, self.in_flight == 1, limited, limited and self.in_flight >= math.floor(self.limit))
+        return Ticket(now, self.in_flight == 1)
 
     def end(self, ticket: Ticket) -> None:
         now = self._now()
@@ -200,25 +163,19 @@ class LoadEstimator:
         self._completions.append(now)
         if ticket.alone and self.in_flight == 0:  # nothing joined it: an unloaded latency
             self._alone.append(now - ticket.started)
-        if ticket.limited:
-            self._adapt(ticket, now)
 
 
 class Admission:
     """One LoadEstimator per method, made on first use (only methods with a handler reach here)."""
 
-    def __init__(self, headroom: float, latency_factor: float, overload_margin: float = 0.2,
-                 on_new: Callable[[str, LoadEstimator], None] | None = None) -> None:
+    def __init__(self, headroom: float, latency_factor: float, overload_margin: float = 0.2) -> None:
         self.headroom = headroom
         self.latency_factor = latency_factor
         self.overload_margin = overload_margin
-        self.on_new = on_new  # told of each method's estimator when made (the metrics' limit gauge)
         self.methods: dict[str, LoadEstimator] = {}
 
     def estimator(self, method: str) -> LoadEstimator:
         found = self.methods.get(method)
         if found is None:
             found = self.methods[method] = LoadEstimator(self.headroom, self.latency_factor, self.overload_margin)
-            if self.on_new is not None:
-                self.on_new(method, found)
         return found

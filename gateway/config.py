@@ -67,17 +67,17 @@ class ServerConfig(_Strict):
                                                       "deadline (gateway/admission.py).")
     admission_headroom: float = Field(0.8, gt=0, le=1, description="Admit only when the estimated finish is within "
                                                                    "this share of the caller's remaining deadline.")
-    admission_latency_factor: float = Field(2.0, ge=0, description="Latency objective, while overloaded (see "
-                                                                   "admission_overload_margin): a concurrency limit "
-                                                                   "that adapts so that admitted requests finish "
-                                                                   "within this many times the median latency of "
-                                                                   "recent requests that ran alone (falls when one "
-                                                                   "misses it, rises while they meet it); 0 = off "
-                                                                   "(only the caller's deadline bounds queueing). "
-                                                                   "README: Limits and failure behaviour.")
-    admission_overload_margin: float = Field(0.2, ge=0, description="Overloaded = over the last 2 s, "
-                                                                    "requests offered (admitted or shed) faster "
-                                                                    "than 1 + this margin "
+    admission_latency_factor: float = Field(1.5, ge=0, description="Latency objective, while overloaded (see "
+                                                                   "admission_overload_margin): also shed when the "
+                                                                   "estimated latency exceeds this many times the "
+                                                                   "median latency of recent requests that ran alone "
+                                                                   "(1.5: admitted p99 within 2 x the unloaded p99 "
+                                                                   "at twice the saturating load; at 2 it was "
+                                                                   "2.1-2.3 x); 0 = off (only the caller's deadline "
+                                                                   "bounds queueing). README: Limits and failure "
+                                                                   "behaviour.")
+    admission_overload_margin: float = Field(0.2, ge=0, description="Overloaded = over the last 2 s, requests offered "
+                                                                    "(admitted or shed) faster than 1 + this margin "
                                                                     "times the measured capacity (1 / service time) "
                                                                     "and than 1 + this margin times they completed "
                                                                     "(a queue that grows). Callers that wait for "

@@ -77,10 +77,6 @@ class Metrics:
             ["modality", "reason"], registry=r)
         self.inflight = Gauge(PREFIX + "inflight_requests", "API RPCs running now (the admission limit's count).",
                               registry=r)
-        self.admission_limit = Gauge(
-            PREFIX + "admission_concurrency_limit", "The latency objective's concurrency limit per method (requests "
-            "in flight, fractional: gateway/admission.py); in force only while the method is overloaded.",
-            ["method"], registry=r)
 
     # ---- called by the interceptors and the pipeline
 
@@ -109,9 +105,6 @@ class Metrics:
 
     def track_inflight(self, read: Callable[[], float]) -> None:
         self.inflight.set_function(read)
-
-    def track_admission_limit(self, full_method: str, read: Callable[[], float]) -> None:
-        self.admission_limit.labels(method_label(full_method)).set_function(read)
 
     def interceptor(self) -> "MetricsInterceptor":
         return MetricsInterceptor(self)

@@ -257,9 +257,8 @@ async def create_server(servicer: pb_grpc.RecommenderServicer, cfg: ServerConfig
     log: gateway/requestlog.py."""
     health_servicer = FrontDoorHealth()
     reject = metrics.reject if metrics is not None else None
-    limit_gauge = (lambda method, est: metrics.track_admission_limit(method, lambda: est.limit)) if metrics else None
-    shedding = (Admission(cfg.admission_headroom, cfg.admission_latency_factor, cfg.admission_overload_margin,
-                          limit_gauge) if cfg.admission_enabled else None)
+    shedding = (Admission(cfg.admission_headroom, cfg.admission_latency_factor, cfg.admission_overload_margin)
+                if cfg.admission_enabled else None)
     admission = AdmissionInterceptor(health_servicer, cfg.max_inflight_requests, cfg.max_open_streams, reject,
                                      shedding, cfg.default_deadline_ms / 1000)
     interceptors: list[grpc.aio.ServerInterceptor] = [admission, ErrorInterceptor(reject)]
