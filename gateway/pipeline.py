@@ -203,6 +203,9 @@ class Recommender:
         except asyncio.TimeoutError:
             response.cancel()
             return None, f"deadline: encoder took longer than {timeout_s * 1000:.0f} ms"
+        except asyncio.CancelledError:  # the caller left, or admission dropped the request: free the encoder
+            response.cancel()
+            raise
         except InvalidContent as err:
             raise InvalidArgument(f"query.{modality}: {err.reason}") from None
         except Exception as err:  # an encoder failure degrades the answer, never fails it

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fusionrec.v1 import recommender_pb2 as pb
 from fusionrec.v1 import recommender_pb2_grpc as pb_grpc
-from fusionrec.gateway.admission import Admission, LoadEstimator
+from fusionrec.gateway.admission import OBJECTIVE_REASON, Admission, LoadEstimator, Ticket
 from fusionrec.gateway.config import ServerConfig
 from fusionrec.gateway.errors import status_of
 from fusionrec.gateway.requestlog import RequestLogInterceptor, current_request_id
@@ -130,6 +130,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self._default_deadline_s = default_deadline_s
         self.inflight = 0
         self.streams: collections.Counter[str] = collections.Counter()
+        self._work: dict[Ticket, asyncio.Task] = {}  # admitted requests' work, by their admission ticket
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -154,24 +155,47 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 f"too many requests in flight (limit {self._max_inflight}); retry after {LIMIT_RETRY_AFTER_MS} ms",
                 trailing_metadata=(("grpc-retry-pushback-ms", str(LIMIT_RETRY_AFTER_MS)),))
         estimator = await self._shed_if_late(method, context)
-        ticket = estimator.begin() if estimator is not None else None
         self.inflight += 1
         try:
-            return await inner(request, context)
+            if estimator is None:
+                return await inner(request, context)
+            return await self._tracked(estimator, method, inner, request, context)
         finally:
             self.inflight -= 1
-            if ticket is not None:
-                estimator.end(ticket)
+
+    async def _tracked(self, estimator: LoadEstimator, method: str, inner, request, context):
+        """Run an admitted request as a task of its own, so that `_shed_if_late` can drop it from the queue
+        (cancelling its Serve calls) and still answer it; the caller leaving cancels this coroutine, and with
+        it the task it awaits."""
+        ticket = estimator.begin()
+        work = self._work[ticket] = asyncio.ensure_future(inner(request, context))
+        try:
+            return await work
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not ticket.dropped or (current is not None and current.cancelling()):
+                raise
+            shed = estimator.dropped(ticket)
+            self._on_reject(method, shed.reason)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, shed.message(), trailing_metadata=(
+                ("grpc-retry-pushback-ms", str(round(shed.retry_after_s * 1000))),))
+        finally:
+            del self._work[ticket]
+            estimator.end(ticket)
 
     async def _shed_if_late(self, method: str, context: grpc.aio.ServicerContext) -> LoadEstimator | None:
         """Abort RESOURCE_EXHAUSTED (with retry advice) when the work in flight cannot finish within this
-        request's deadline (gateway/admission.py); else the method's estimator (None: shedding is off)."""
+        request's deadline (gateway/admission.py); else the method's estimator (None: shedding is off).
+        A request shed by the latency objective also drops the excess of the queue (`LoadEstimator.excess`)."""
         if self._shedding is None:
             return None
         estimator = self._shedding.estimator(method)
         remaining = context.time_remaining()
         shed = estimator.verdict(self._default_deadline_s if remaining is None else remaining)
         if shed is not None:
+            if shed.reason == OBJECTIVE_REASON:
+                for ticket in estimator.excess():
+                    ticket.dropped = self._work[ticket].cancel()  # False: it finished meanwhile
             self._on_reject(method, shed.reason)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, shed.message(), trailing_metadata=(
                 ("grpc-retry-pushback-ms", str(round(shed.retry_after_s * 1000))),))

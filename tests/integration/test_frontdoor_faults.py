@@ -118,10 +118,14 @@ def test_saturated_slow_deployment_sheds_early_and_admitted_calls_succeed(app):
     codes = {e.code() for e in shed}
     assert shed and codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}, codes  # admitted ones met their deadline
     assert ok >= 5, ok
+    # 60 at once read as a surge (gateway/admission.py): shed by the deadline or by the latency objective.
     details = shed[0].details()
-    assert "overloaded" in details and "remaining deadline" in details and "retry after" in details, details
+    assert "overloaded" in details and "retry after" in details, details
+    assert "remaining deadline" in details or "latency objective" in details, details
     assert int(dict(shed[0].trailing_metadata())["grpc-retry-pushback-ms"]) > 0
-    assert _retrieval_calls(app) - before == ok  # shed requests never reached a replica
+    # Shed requests never reached a replica, except those admitted and then dropped from the queue.
+    dropped = [e for e in shed if "dropped from the queue" in e.details()]
+    assert ok <= _retrieval_calls(app) - before <= ok + len(dropped)
 
 
 def _gateway_pids(app) -> list[int]:
