@@ -13,8 +13,8 @@ throughput; with light parallel load it is about one request's latency. Two boun
   Little's law as a concurrency limit (objective x throughput). Overloaded means both, over the last
   `rate_window_s`: requests offered (admitted or shed) faster than `1 + overload_margin` times the
   capacity seen lately (1 / the best service time of the last `CAPACITY_MEMORY` completions, so that a
-  stall behind the front door is not taken for a surge), and faster than `1 + overload_margin` times they completed, by
-  more than `OVERLOAD_STEP` requests (a queue that grows now). Callers that wait for their answers
+  stall behind the front door is not taken for a surge), and faster than `1 + overload_margin` times
+  they completed, by more than `OVERLOAD_STEP` requests (a queue that grows now). Callers that wait for their answers
   (closed loop, however many) offer no more than completes, so they are not shed by it and the
   deployments behind still see all their queued work (what Serve's autoscaling counts); an open-loop
   surge beyond capacity is cut down to the concurrency that keeps the objective. The second test

@@ -66,8 +66,8 @@ class Metrics:
         self.rejected = Counter(
             PREFIX + "rejected_requests", "Requests refused or shed, by reason: unauthenticated, starting_up, "
             "inflight_limit, stream_limit, backpressure, out_of_resources, deadline_unreachable and latency_objective "
-            "(shed early by the admission estimate, gateway/admission.py), latency_objective_queued (admitted, then "
-            "dropped from the queue once a surge was seen).",
+            "(shed early by the admission estimate, gateway/admission.py), latency_objective_queued "
+            "(admitted, then dropped from the queue once a surge was seen).",
             ["method", "reason"], registry=r)
         self.degraded = Counter(
             PREFIX + "degraded_responses", "Recommend answers with at least one query modality dropped.",

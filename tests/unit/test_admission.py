@@ -140,7 +140,7 @@ def test_a_queue_within_a_few_requests_of_the_objective_is_left_alone():
     clock = Clock()
     est = LoadEstimator(headroom=1.0, latency_factor=1.5, min_samples=4, now=clock)
     _run_alone(est, clock, 10, 0.02)
-    held = [est.begin() for _ in range(2 + 8)]  # the objective keeps 2 (1.5 x 20 ms / 20 ms, floor 2), 8 more: a step
+    held = [est.begin() for _ in range(2 + 8)]  # the objective keeps 2 (1.5 x 20 / 20 ms, floor 2); 8 more: a step
     assert est.excess() == [] and not any(t.dropped for t in held)
     held.append(est.begin())
     assert est.excess() == held[2:]
