@@ -189,7 +189,7 @@ class LoadEstimator:
         if not self.in_flight or service_s is None:
             return None
         estimate_s = (self.in_flight + 1) * service_s
-        retry_after_s = min(max(self.in_flight * service_s, 0.01), self.max_retry_after_s)
+        retry_after_s = self._retry_after_s(service_s)
         bound_s = remaining_s * self.headroom
         if estimate_s > bound_s:
             return Shed(DEADLINE_REASON, estimate_s, bound_s, self.in_flight, retry_after_s)
@@ -198,6 +198,10 @@ class LoadEstimator:
                 and estimate_s > self.latency_factor * alone_s and self.overloaded()):
             return Shed(OBJECTIVE_REASON, estimate_s, self.latency_factor * alone_s, self.in_flight, retry_after_s)
         return None
+
+    def _retry_after_s(self, service_s: float) -> float:
+        """When to come back: the queue in flight drained at ``service_s`` per request (10 ms at least)."""
+        return min(max(self.in_flight * service_s, 0.01), self.max_retry_after_s)
 
     def excess(self) -> list[Ticket]:
         """Right after a request was shed by the objective (overload confirmed): the requests admitted last
@@ -216,7 +220,7 @@ class LoadEstimator:
     def dropped(self, ticket: Ticket) -> Shed:
         """What to tell the caller of a request `excess` dropped: how long it waited, the queue it was in."""
         service_s = self.service_time_s() or 0.0
-        retry_after_s = min(max(self.in_flight * service_s, 0.01), self.max_retry_after_s)
+        retry_after_s = self._retry_after_s(service_s)
         return Shed(QUEUED_REASON, self._now() - ticket.started, 0.0, self.in_flight, retry_after_s)
 
     def begin(self) -> Ticket:

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fusionrec.v1 import recommender_pb2 as pb
 from fusionrec.v1 import recommender_pb2_grpc as pb_grpc
-from fusionrec.gateway.admission import OBJECTIVE_REASON, Admission, LoadEstimator, Ticket
+from fusionrec.gateway.admission import OBJECTIVE_REASON, Admission, LoadEstimator, Shed, Ticket
 from fusionrec.gateway.config import ServerConfig
 from fusionrec.gateway.errors import status_of
 from fusionrec.gateway.requestlog import RequestLogInterceptor, current_request_id
@@ -175,10 +175,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             current = asyncio.current_task()
             if not ticket.dropped or (current is not None and current.cancelling()):
                 raise
-            shed = estimator.dropped(ticket)
-            self._on_reject(method, shed.reason)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, shed.message(), trailing_metadata=(
-                ("grpc-retry-pushback-ms", str(round(shed.retry_after_s * 1000))),))
+            await self._refuse(method, context, estimator.dropped(ticket))
         finally:
             del self._work[ticket]
             estimator.end(ticket)
@@ -196,10 +193,14 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             if shed.reason == OBJECTIVE_REASON:
                 for ticket in estimator.excess():
                     ticket.dropped = self._work[ticket].cancel()  # False: it finished meanwhile
-            self._on_reject(method, shed.reason)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, shed.message(), trailing_metadata=(
-                ("grpc-retry-pushback-ms", str(round(shed.retry_after_s * 1000))),))
+            await self._refuse(method, context, shed)
         return estimator
+
+    async def _refuse(self, method: str, context: grpc.aio.ServicerContext, shed: Shed) -> None:
+        """Count ``shed`` and abort RESOURCE_EXHAUSTED with its message and retry advice."""
+        self._on_reject(method, shed.reason)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, shed.message(), trailing_metadata=(
+            ("grpc-retry-pushback-ms", str(round(shed.retry_after_s * 1000))),))
 
     def _capped_stream(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         unary = handler.unary_stream is not None
